@@ -1,0 +1,1 @@
+"""Brokers fedmq can start by itself for tests, benchmarks and simulations."""

@@ -1,0 +1,1 @@
+"""The ``fedmq`` operator command line (server extra: typer, rich)."""

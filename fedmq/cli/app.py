@@ -1,0 +1,23 @@
+"""Entry point of the ``fedmq`` command: one typer app, one module per command group."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="fedmq",
+    help="Federated learning for factory edge devices over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated learning for factory edge devices over MQTT."""
+
+
+def main() -> None:
+    """Run the ``fedmq`` command line."""
+    app()

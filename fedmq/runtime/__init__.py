@@ -1,0 +1,1 @@
+"""On-device training with onnxruntime and numpy only (never imports torch)."""

@@ -1,0 +1,1 @@
+"""MQTT IO: the only place fedmq touches the network."""

@@ -1,0 +1,198 @@
+"""Moving whole blobs over a session: publish as retained chunks, fetch, clear."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+
+import aiomqtt
+
+from fedmq.errors import DecodeError, IntegrityError, TransportError
+from fedmq.transport.mqtt import MqttSession
+from fedmq.wire.blobs import BlobAssembler, BlobRef
+from fedmq.wire.chunks import ChunkKind, decode_chunk, encode_blob_chunks
+from fedmq.wire.framing import Buffer
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from fedmq.wire.topics import BlobChunkTopic, Topics
+
+log = logging.getLogger(__name__)
+
+PUBLISH_WINDOW = 32  # chunks in flight at once: pipelines the upload without flooding
+
+
+async def publish_chunks(
+    session: MqttSession,
+    data: Buffer,
+    ref: BlobRef,
+    topic_of: Callable[[int], str],
+    *,
+    kind: ChunkKind,
+    federation: str,
+    sender: str,
+    round_id: int,
+    update_id: str | None = None,
+    retain: bool = False,
+    indices: set[int] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> None:
+    """Publish the chunks of ``data`` with QoS 1, ``PUBLISH_WINDOW`` at a time.
+
+    Returns when the broker has acknowledged every chunk.  ``indices`` limits the
+    upload to some chunks (a resumed upload); ``on_chunk`` reports progress.
+
+    Raises:
+        TransportError: a chunk could not be published.
+    """
+    window = asyncio.Semaphore(PUBLISH_WINDOW)
+
+    async def send(index: int, message: bytes) -> None:
+        try:
+            await session.publish(topic_of(index), message, qos=1, retain=retain)
+        finally:
+            window.release()
+        if on_chunk is not None:
+            on_chunk(index)
+
+    async with asyncio.TaskGroup() as group:
+        for index, message in encode_blob_chunks(
+            data,
+            ref,
+            kind=kind,
+            federation=federation,
+            sender=sender,
+            round_id=round_id,
+            update_id=update_id,
+        ):
+            if indices is not None and index not in indices:
+                continue
+            await window.acquire()
+            group.create_task(send(index, message))
+
+
+async def publish_blob(
+    session: MqttSession,
+    topics: Topics,
+    data: Buffer,
+    ref: BlobRef,
+    *,
+    sender: str,
+    round_id: int,
+) -> None:
+    """Publish a blob as retained chunks on ``…/blob/<sha256>/<i>``."""
+    await publish_chunks(
+        session,
+        data,
+        ref,
+        lambda index: topics.blob(ref.sha256, index),
+        kind="blob",
+        federation=topics.federation,
+        sender=sender,
+        round_id=round_id,
+        retain=True,
+    )
+
+
+async def clear_blob(session: MqttSession, topics: Topics, ref: BlobRef) -> None:
+    """Delete a blob's retained chunks (an empty retained message clears a topic)."""
+    async with asyncio.TaskGroup() as group:
+        for index in range(ref.count):
+            group.create_task(
+                session.publish(topics.blob(ref.sha256, index), b"", qos=1, retain=True)
+            )
+
+
+class BlobReceiver:
+    """Reassembles blobs from chunk messages delivered by a session's handler.
+
+    Register a wanted blob with :meth:`want`, feed every message on a blob topic to
+    :meth:`feed`, and await :meth:`wait` for the verified bytes.  Corrupt chunks are
+    dropped with a log line (a later copy may be good); a blob that fails its sha256
+    check is refetched by resubscribing, which makes the broker resend retained chunks.
+    """
+
+    def __init__(
+        self,
+        session: MqttSession,
+        topics: Topics,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        on_progress: Callable[[BlobRef, int], Awaitable[None] | None] | None = None,
+    ) -> None:
+        self._session = session
+        self._topics = topics
+        self._limits = limits
+        self._pending: dict[str, tuple[BlobAssembler, asyncio.Future[bytearray]]] = {}
+        self._on_progress = on_progress
+        self.rejected_chunks = 0
+        self.refetches = 0
+
+    async def want(self, ref: BlobRef) -> asyncio.Future[bytearray]:
+        """Start fetching ``ref``; the future resolves to the verified blob."""
+        entry = self._pending.get(ref.sha256)
+        if entry is not None:
+            return entry[1]
+        future: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
+        self._pending[ref.sha256] = (BlobAssembler(ref, self._limits), future)
+        await self._session.subscribe(self._topics.blob_filter(ref.sha256), qos=1)
+        return future
+
+    async def fetch(self, ref: BlobRef, timeout: float) -> bytearray:
+        """Fetch ``ref`` and wait for it.
+
+        Raises:
+            TransportError: the blob was not complete within ``timeout`` seconds.
+        """
+        future = await self.want(ref)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            entry = self._pending.get(ref.sha256)
+            got = entry[0].received if entry else 0
+            raise TransportError(
+                f"blob {ref.sha256[:12]}… incomplete after {timeout:g} s ({got}/{ref.count} chunks)"
+            ) from None
+
+    async def cancel(self, ref: BlobRef) -> None:
+        """Stop fetching ``ref``."""
+        entry = self._pending.pop(ref.sha256, None)
+        if entry is not None:
+            entry[1].cancel()
+            await self._session.unsubscribe(self._topics.blob_filter(ref.sha256))
+
+    async def feed(self, message: aiomqtt.Message, parsed: BlobChunkTopic) -> None:
+        """Handle one message received on a blob topic."""
+        entry = self._pending.get(parsed.sha256)
+        payload = message.payload
+        if entry is None or not isinstance(payload, bytes | bytearray) or not payload:
+            return  # not wanted (any more), or a retained-message deletion
+        assembler, future = entry
+        try:
+            chunk = decode_chunk(payload, self._limits)
+            if chunk.header.blob != assembler.ref or chunk.header.index != parsed.index:
+                raise IntegrityError(
+                    f"chunk on topic {message.topic} describes blob "
+                    f"{chunk.header.blob.sha256[:12]}… chunk {chunk.header.index}"
+                )
+            fresh = assembler.add(chunk.header.index, chunk.payload)
+        except (DecodeError, IntegrityError) as exc:
+            self.rejected_chunks += 1
+            log.warning("rejected chunk on %s: %s", message.topic, exc)
+            return
+        if fresh and self._on_progress is not None:
+            result = self._on_progress(assembler.ref, assembler.received)
+            if result is not None:
+                await result
+        if not assembler.complete or future.done():
+            return
+        try:
+            blob = assembler.finish()
+        except IntegrityError as exc:
+            self.refetches += 1
+            log.warning("%s; fetching it again", exc)
+            blob_filter = self._topics.blob_filter(assembler.ref.sha256)
+            await self._session.unsubscribe(blob_filter)
+            await self._session.subscribe(blob_filter, qos=1)
+            return
+        del self._pending[assembler.ref.sha256]
+        await self._session.unsubscribe(self._topics.blob_filter(assembler.ref.sha256))
+        future.set_result(blob)

@@ -1,0 +1,317 @@
+"""The one MQTT session fedmq services use: connect, resubscribe, reconnect with backoff.
+
+This layer only moves bytes.  Everything it receives goes to a handler coroutine;
+everything the protocol wants sent goes through :meth:`MqttSession.publish`.  The
+reconnect loop is written once here for the aggregator, the agents and the monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from fedmq.errors import ConfigError, TransportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+KEEPALIVE = 30  # seconds: a dead agent's last will fires within 1.5x this
+SESSION_EXPIRY = 24 * 3600  # seconds: queued QoS 1 messages survive a day-long outage
+BACKOFF_INITIAL = 0.2  # seconds: a restarted broker is usually back within a second
+BACKOFF_MAX = 30.0  # seconds: caps reconnect storms from a plant full of devices
+CONNECT_TIMEOUT = 10.0  # seconds: TCP + TLS + CONNACK on a slow plant network
+PUBLISH_TIMEOUT = 30.0  # seconds: one QoS 1 round trip, including a reconnect
+MAX_INFLIGHT = 200  # QoS 1 messages unacknowledged at once: keeps chunk uploads pipelined
+
+MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+ConnectHook = Callable[["MqttSession"], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """Where the broker listens, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
+
+    scheme: Literal["mqtt", "mqtts"]
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        """Parse a broker URL.
+
+        Raises:
+            ConfigError: unknown scheme, missing host, or bad port.
+        """
+        parts = urlsplit(url)
+        if parts.scheme not in DEFAULT_PORTS:
+            raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r} has no host")
+        try:
+            port = parts.port or DEFAULT_PORTS[parts.scheme]
+        except ValueError as exc:
+            raise ConfigError(f"broker URL {url!r} has an invalid port") from exc
+        return cls(parts.scheme, parts.hostname, port)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """How to reach and authenticate to the broker.
+
+    Args:
+        url: ``mqtt://host:port`` or ``mqtts://host:port``.
+        client_id: MQTT client identifier (the device id for agents).
+        username: optional username (with mTLS, Mosquitto can take it from the cert CN).
+        password: optional password.
+        ca_file: CA bundle to verify the broker (mqtts); system CAs when None.
+        cert_file: client certificate for mTLS.
+        key_file: private key of ``cert_file``.
+        protocol: MQTT protocol version; 3.1.1 for brokers without MQTT 5.
+        persistent_session: keep subscriptions and queued QoS 1 messages across reconnects.
+        keepalive: seconds between pings; also how fast the broker notices a dead client.
+    """
+
+    url: str
+    client_id: str
+    username: str | None = None
+    password: str | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    persistent_session: bool = True
+    keepalive: int = KEEPALIVE
+    session_expiry: int = SESSION_EXPIRY
+
+    @property
+    def address(self) -> BrokerAddress:
+        """The parsed broker URL."""
+        return BrokerAddress.parse(self.url)
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """TLS context for ``mqtts://`` URLs (None for plaintext)."""
+        if self.address.scheme != "mqtts":
+            return None
+        try:
+            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+            if self.cert_file is not None:
+                context.load_cert_chain(
+                    str(self.cert_file), str(self.key_file) if self.key_file else None
+                )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load TLS files for {self.url}: {exc}") from exc
+        return context
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter (AWS's recommendation for fleets)."""
+
+    initial: float = BACKOFF_INITIAL
+    maximum: float = BACKOFF_MAX
+    factor: float = 2.0
+    _attempt: int = field(default=0, init=False)
+    _random: random.Random = field(default_factory=random.Random, repr=False)
+
+    def next_delay(self) -> float:
+        """Seconds to wait before the next attempt."""
+        ceiling = min(self.maximum, self.initial * self.factor**self._attempt)
+        self._attempt += 1
+        return self._random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        """Start over after a success."""
+        self._attempt = 0
+
+
+@dataclass(frozen=True)
+class LastWill:
+    """Message the broker publishes for us when we vanish without disconnecting."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttSession:
+    """A reconnecting MQTT session around one aiomqtt client.
+
+    Call :meth:`run` in a task; it connects, subscribes to every filter in
+    ``subscriptions`` (again after each reconnect), calls ``on_connect``, then feeds
+    every message to the handler until cancelled.  :meth:`publish` waits for a
+    connection if there is none (up to its timeout).
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        will: LastWill | None = None,
+        on_connect: ConnectHook | None = None,
+        backoff: Backoff | None = None,
+        max_queued_incoming: int = 0,
+    ) -> None:
+        self.settings = settings
+        self._address = settings.address
+        self._subscriptions: dict[str, int] = dict(subscriptions)
+        self._will = will
+        self._on_connect = on_connect
+        self._backoff = backoff or Backoff()
+        self._max_queued_incoming = max_queued_incoming
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self.connections = 0  # successful connects so far (1 after the first)
+        self.last_error: str | None = None
+
+    @property
+    def is_connected(self) -> bool:
+        """True while a connection is up."""
+        return self._connected.is_set()
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until connected.
+
+        Raises:
+            TransportError: not connected within ``timeout`` seconds.
+        """
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout)
+        except TimeoutError:
+            raise TransportError(
+                f"no connection to {self.settings.url} within {timeout:g} s"
+                + (f" (last error: {self.last_error})" if self.last_error else "")
+            ) from None
+
+    def _make_client(self) -> aiomqtt.Client:
+        settings = self.settings
+        version_5 = settings.protocol == "5"
+        properties: Properties | None = None
+        if version_5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = (
+                settings.session_expiry if settings.persistent_session else 0
+            )
+        will = None
+        if self._will is not None:
+            will = aiomqtt.Will(
+                self._will.topic, self._will.payload, self._will.qos, self._will.retain
+            )
+        return aiomqtt.Client(
+            self._address.host,
+            self._address.port,
+            identifier=settings.client_id,
+            username=settings.username,
+            password=settings.password,
+            protocol=aiomqtt.ProtocolVersion.V5 if version_5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            clean_session=None if version_5 else not settings.persistent_session,
+            clean_start=not settings.persistent_session if version_5 else True,
+            keepalive=settings.keepalive,
+            timeout=CONNECT_TIMEOUT,
+            properties=properties,
+            tls_context=settings.tls_context(),
+            max_inflight_messages=MAX_INFLIGHT,
+            max_queued_incoming_messages=self._max_queued_incoming,
+        )
+
+    async def run(self, handler: MessageHandler) -> None:
+        """Stay connected and feed every received message to ``handler`` until cancelled.
+
+        A handler exception is a bug in the caller: it is logged with its traceback and
+        the session goes on, so one bad message cannot stop a service.
+        """
+        client = self._make_client()
+        while True:
+            try:
+                async with client:
+                    self._client = client
+                    for topic_filter, qos in self._subscriptions.items():
+                        await client.subscribe(topic_filter, qos)
+                    self.connections += 1
+                    self.last_error = None
+                    self._backoff.reset()
+                    self._connected.set()
+                    log.info("connected to %s as %s", self.settings.url, self.settings.client_id)
+                    if self._on_connect is not None:
+                        await self._on_connect(self)
+                    async for message in client.messages:
+                        try:
+                            await handler(message)
+                        except Exception:
+                            log.exception("handler failed on a message on %s", message.topic)
+            except aiomqtt.MqttError as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                was_connected = self._connected.is_set()
+                log.warning(
+                    "%s %s: %s",
+                    "lost connection to" if was_connected else "cannot connect to",
+                    self.settings.url,
+                    self.last_error,
+                )
+            finally:
+                self._connected.clear()
+                self._client = None
+            await asyncio.sleep(self._backoff.next_delay())
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float = PUBLISH_TIMEOUT,
+    ) -> None:
+        """Publish one message; for QoS 1, return once the broker has acknowledged it.
+
+        Raises:
+            TransportError: no connection came up, or the broker did not acknowledge
+                within ``timeout`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self.wait_connected(max(0.0, deadline - loop.time()))
+            client = self._client
+            if client is None:
+                continue
+            try:
+                await client.publish(
+                    topic, payload, qos=qos, retain=retain, timeout=max(0.1, deadline - loop.time())
+                )
+                return
+            except aiomqtt.MqttError as exc:
+                if loop.time() >= deadline:
+                    raise TransportError(f"publish to {topic} failed: {exc}") from exc
+                # The connection dropped under us; the run loop is reconnecting.
+                await asyncio.sleep(0.05)
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Subscribe now (if connected) and after every reconnect."""
+        self._subscriptions[topic_filter] = qos
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):  # resubscribed on reconnect
+                await client.subscribe(topic_filter, qos)
+
+    async def unsubscribe(self, topic_filter: str) -> None:
+        """Stop receiving ``topic_filter`` (now and after reconnects)."""
+        self._subscriptions.pop(topic_filter, None)
+        client = self._client
+        if client is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.unsubscribe(topic_filter)

@@ -1,0 +1,169 @@
+"""Content-addressed blobs: split into chunks, reassembled in any order, verified by sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from fedmq.errors import (
+    IntegrityError,
+    InvalidIdentifierError,
+    LimitExceededError,
+    LocalProtocolError,
+    MalformedMessageError,
+)
+from fedmq.wire.framing import Buffer
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB
+
+DEFAULT_CHUNK_SIZE = 256 * KiB  # bytes: few messages per MB yet well under broker caps
+MIN_CHUNK_SIZE = 1 * KiB
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class BlobRef:
+    """Names a blob and how it is chunked: enough to subscribe to it and reassemble it.
+
+    Args:
+        sha256: lowercase hex sha256 of the whole blob.
+        size: blob length in bytes.
+        chunk_size: bytes per chunk (the last chunk holds the remainder).
+    """
+
+    sha256: str
+    size: int
+    chunk_size: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sha256, str) or not _SHA256_HEX.fullmatch(self.sha256):
+            raise InvalidIdentifierError(f"blob id {self.sha256!r} is not a lowercase hex sha256")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
+            raise InvalidIdentifierError(f"blob size {self.size!r} must be a non-negative int")
+        if (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise InvalidIdentifierError(f"chunk size {self.chunk_size!r} must be a positive int")
+
+    @property
+    def count(self) -> int:
+        """Number of chunks (an empty blob is one empty chunk)."""
+        return max(1, math.ceil(self.size / self.chunk_size))
+
+    def chunk_length(self, index: int) -> int:
+        """Length in bytes of chunk ``index``."""
+        if not 0 <= index < self.count:
+            raise MalformedMessageError(f"chunk index {index} outside [0, {self.count})")
+        if index < self.count - 1:
+            return self.chunk_size
+        return self.size - self.chunk_size * (self.count - 1)
+
+    def check_limits(self, limits: DecodeLimits) -> None:
+        """Raise LimitExceededError if receiving this blob would exceed ``limits``."""
+        if self.size > limits.max_blob_bytes:
+            raise LimitExceededError("declared blob size", self.size, limits.max_blob_bytes)
+        if self.count > limits.max_chunks:
+            raise LimitExceededError("declared chunk count", self.count, limits.max_chunks)
+
+
+def sha256_hex(data: Buffer) -> str:
+    """Lowercase hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def blob_ref(data: Buffer, chunk_size: int = DEFAULT_CHUNK_SIZE) -> BlobRef:
+    """Return the reference of ``data`` chunked at ``chunk_size`` bytes."""
+    if chunk_size < MIN_CHUNK_SIZE:
+        raise LocalProtocolError(f"chunk size {chunk_size} is below the minimum {MIN_CHUNK_SIZE}")
+    view = memoryview(data).cast("B")
+    return BlobRef(sha256_hex(view), len(view), chunk_size)
+
+
+def split_blob(data: Buffer, ref: BlobRef) -> Iterator[memoryview]:
+    """Yield the chunks of ``data`` as zero-copy views, in order."""
+    view = memoryview(data).cast("B")
+    if len(view) != ref.size:
+        raise LocalProtocolError(f"blob is {len(view)} bytes, its reference says {ref.size}")
+    for index in range(ref.count):
+        start = index * ref.chunk_size
+        yield view[start : start + ref.chunk_length(index)]
+
+
+class BlobAssembler:
+    """Collect the chunks of one blob in any order, with duplicates, then verify it.
+
+    Memory is allocated once, for the declared size, after checking it against limits.
+    """
+
+    def __init__(self, ref: BlobRef, limits: DecodeLimits = DEFAULT_LIMITS) -> None:
+        ref.check_limits(limits)
+        self.ref = ref
+        self._buffer = bytearray(ref.size)
+        self._have = bytearray(ref.count)  # 1 per chunk received
+        self._missing = ref.count
+
+    @property
+    def complete(self) -> bool:
+        """True when every chunk has arrived."""
+        return self._missing == 0
+
+    @property
+    def received(self) -> int:
+        """Number of distinct chunks received."""
+        return self.ref.count - self._missing
+
+    def missing(self) -> list[int]:
+        """Indices of chunks not yet received, ascending."""
+        return [index for index, have in enumerate(self._have) if not have]
+
+    def add(self, index: int, payload: Buffer) -> bool:
+        """Store chunk ``index``; return False if it was a duplicate (ignored).
+
+        Raises:
+            MalformedMessageError: the index is out of range or the length is wrong.
+        """
+        expected = self.ref.chunk_length(index)
+        view = memoryview(payload).cast("B")
+        if len(view) != expected:
+            raise MalformedMessageError(
+                f"chunk {index} of blob {self.ref.sha256[:12]} is {len(view)} bytes, "
+                f"expected {expected}"
+            )
+        if self._have[index]:
+            return False
+        start = index * self.ref.chunk_size
+        self._buffer[start : start + expected] = view
+        self._have[index] = 1
+        self._missing -= 1
+        return True
+
+    def forget(self, index: int) -> None:
+        """Drop chunk ``index`` so it can be received again (e.g. after a failed verify)."""
+        if self._have[index]:
+            self._have[index] = 0
+            self._missing += 1
+
+    def finish(self) -> bytearray:
+        """Return the verified blob (the assembler's own buffer, not a copy).
+
+        Raises:
+            MalformedMessageError: chunks are still missing.
+            IntegrityError: the reassembled bytes do not hash to the blob's sha256; every
+                chunk is forgotten so the blob can be fetched again.
+        """
+        if not self.complete:
+            raise MalformedMessageError(
+                f"blob {self.ref.sha256[:12]} is missing {self._missing} of {self.ref.count} chunks"
+            )
+        digest = sha256_hex(self._buffer)
+        if digest != self.ref.sha256:
+            self._have = bytearray(self.ref.count)
+            self._missing = self.ref.count
+            raise IntegrityError(
+                f"blob reassembled to sha256 {digest[:12]}…, expected {self.ref.sha256[:12]}…"
+            )
+        return self._buffer

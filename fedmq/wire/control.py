@@ -1,0 +1,224 @@
+"""Control messages: JSON, versioned, with a JSON schema (``fedmq schema`` prints them).
+
+Round announcements, acks and statuses are JSON so operators can read them with
+``mosquitto_sub`` or MQTT Explorer.  Each carries ``v`` (format version) and ``type``.
+Decoding is strict: unknown fields, wrong types and oversized payloads are rejected
+with a :class:`~fedmq.errors.DecodeError` naming the problem.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+)
+
+from fedmq.errors import (
+    InvalidIdentifierError,
+    LimitExceededError,
+    LocalProtocolError,
+    MalformedMessageError,
+    UnsupportedVersionError,
+)
+from fedmq.runtime.config import TrainingConfig
+from fedmq.wire.blobs import BlobRef
+from fedmq.wire.framing import Buffer
+from fedmq.wire.ids import validate_id
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from fedmq.wire.tensor_codecs import CodecSpec
+from fedmq.wire.topics import MAX_ROUND
+
+CONTROL_VERSION = 1
+
+
+def _id(value: str) -> str:
+    try:
+        return validate_id(value)
+    except InvalidIdentifierError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _codec(value: str) -> str:
+    CodecSpec.parse(value)  # raises UnsupportedCodecError (a ValueError) when unknown
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_id)]
+RoundNumber = Annotated[int, Field(ge=0, lt=MAX_ROUND)]
+Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+CodecText = Annotated[str, AfterValidator(_codec)]
+
+
+class ControlMessage(BaseModel):
+    """Base of every JSON control message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    TYPE: ClassVar[str]
+
+    v: Literal[1] = 1
+
+
+class RoundAnnouncement(ControlMessage):
+    """The current round of a federation, retained on ``…/round``.
+
+    ``status`` is ``open`` while updates are collected and ``finished`` once the
+    federation has run its last round (agents then go idle).  ``signature`` is reserved
+    for the aggregator's Ed25519 signature over the other fields.
+    """
+
+    TYPE: ClassVar[str] = "round"
+    type: Literal["round"] = "round"
+    federation: Identifier
+    aggregator: Identifier
+    round: RoundNumber
+    status: Literal["open", "finished"] = "open"
+    mode: Literal["sync", "async"] = "sync"
+    issued_at: Timestamp
+    deadline: Timestamp = Field(description="unix time after which updates may be dropped")
+    bundle: BlobRef = Field(description="model bundle archive (train step, model, manifest)")
+    params: BlobRef = Field(description="global parameters (tensor set) to start from")
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    codec: CodecText = Field("raw", description="codec agents encode their delta with")
+    chunk_size: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    selected: list[Identifier] | None = Field(
+        None, description="agents asked to train; None = any agent may contribute"
+    )
+    signature: str | None = None
+
+    def addresses(self, client: str) -> bool:
+        """True if ``client`` is asked to train in this round."""
+        return self.status == "open" and (self.selected is None or client in self.selected)
+
+
+AckReason = Literal[
+    "accepted",
+    "duplicate",
+    "unknown_client",
+    "not_selected",
+    "wrong_federation",
+    "stale_round",
+    "future_round",
+    "round_closed",
+    "malformed",
+    "wrong_shape",
+    "non_finite",
+    "too_large",
+    "integrity",
+]
+
+
+class Ack(ControlMessage):
+    """The aggregator's verdict on one update, sent to ``…/ack/<client>``."""
+
+    TYPE: ClassVar[str] = "ack"
+    type: Literal["ack"] = "ack"
+    federation: Identifier
+    client: Identifier
+    round: RoundNumber
+    update_id: Identifier
+    accepted: bool
+    reason: AckReason
+    detail: str = Field("", max_length=1024)
+    ts: Timestamp
+
+
+AgentState = Literal["online", "idle", "downloading", "training", "uploading", "offline"]
+
+
+class AgentStatus(ControlMessage):
+    """An agent's retained status on ``…/status/<client>``; its last will says offline."""
+
+    TYPE: ClassVar[str] = "agent_status"
+    type: Literal["agent_status"] = "agent_status"
+    client: Identifier
+    state: AgentState
+    round: RoundNumber | None = None
+    progress: float | None = Field(None, ge=0.0, le=1.0, allow_inf_nan=False)
+    bundle: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    versions: dict[str, str] = Field(default_factory=dict, max_length=32)
+    last_error: str | None = Field(None, max_length=2048)
+    heartbeat_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    ts: Timestamp
+
+
+AggregatorState = Literal["starting", "collecting", "aggregating", "finished", "offline"]
+
+
+class AggregatorStatus(ControlMessage):
+    """The aggregator's retained status on ``…/aggregator/status``."""
+
+    TYPE: ClassVar[str] = "aggregator_status"
+    type: Literal["aggregator_status"] = "aggregator_status"
+    aggregator: Identifier
+    state: AggregatorState
+    round: RoundNumber | None = None
+    deadline: Timestamp | None = None
+    received: int = Field(0, ge=0)
+    expected: int = Field(0, ge=0)
+    rejected: dict[str, int] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    ts: Timestamp
+
+
+M = TypeVar("M", bound=ControlMessage)
+
+
+def encode_control(message: ControlMessage) -> bytes:
+    """Serialise a control message to compact UTF-8 JSON."""
+    data = message.model_dump(mode="json")
+    try:
+        return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:
+        raise LocalProtocolError(f"cannot encode {message.TYPE}: {exc}") from exc
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def decode_control(data: Buffer, kind: type[M], limits: DecodeLimits = DEFAULT_LIMITS) -> M:
+    """Parse a control message of type ``kind``.
+
+    Raises:
+        LimitExceededError: the payload is larger than ``limits.max_control_bytes``.
+        UnsupportedVersionError: ``v`` is not a version this fedmq understands.
+        MalformedMessageError: not JSON, the wrong ``type``, or a field fails validation.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) > limits.max_control_bytes:
+        raise LimitExceededError(f"{kind.TYPE} message size", len(view), limits.max_control_bytes)
+    try:
+        document: Any = json.loads(bytes(view), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MalformedMessageError(f"{kind.TYPE} message is not valid JSON: {exc}") from exc
+    if not isinstance(document, dict):
+        raise MalformedMessageError(f"{kind.TYPE} message must be a JSON object")
+    version = document.get("v")
+    if version != CONTROL_VERSION:
+        raise UnsupportedVersionError(
+            f"{kind.TYPE} message has version {version!r}; this fedmq speaks {CONTROL_VERSION}"
+        )
+    if document.get("type") != kind.TYPE:
+        raise MalformedMessageError(
+            f"expected a {kind.TYPE!r} message, got type {document.get('type')!r}"
+        )
+    try:
+        return kind.model_validate(document)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or '<root>'}: {error['msg']}"
+            for error in exc.errors(include_url=False)[:5]
+        )
+        raise MalformedMessageError(f"invalid {kind.TYPE} message: {problems}") from exc
+
+
+def control_schemas() -> dict[str, dict[str, Any]]:
+    """JSON schemas of every control message, keyed by message type."""
+    kinds: list[type[ControlMessage]] = [RoundAnnouncement, Ack, AgentStatus, AggregatorStatus]
+    return {kind.TYPE: kind.model_json_schema() for kind in kinds}
