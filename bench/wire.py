@@ -11,7 +11,6 @@ deltas) with a different scale per "layer".
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
@@ -88,7 +87,6 @@ def main() -> None:
                     f"{encode_time / copy_time:>11.1f}x {decode_time / copy_time:>11.1f}x "
                     f"{(encode_time + decode_time) / copy_time:>12.1f}x"
                 )
-        del delta, flat, target
     print(
         "\nenc/dec ratios: time relative to np.copyto of the same buffer (lower is better);"
         "\nbytes/raw: encoded message size over raw float32 bytes."

@@ -86,7 +86,13 @@ def test_every_control_message_round_trips(message: RoundAnnouncement) -> None:
 
 
 def _status_json(**changes: object) -> bytes:
-    document: dict[str, object] = {"v": 1, "type": "agent_status", "client": "c", "state": "idle", "ts": 1.0}
+    document: dict[str, object] = {
+        "v": 1,
+        "type": "agent_status",
+        "client": "c",
+        "state": "idle",
+        "ts": 1.0,
+    }
     document.update(changes)
     return json.dumps(document).encode()
 
@@ -103,10 +109,25 @@ def _status_json(**changes: object) -> bytes:
         (_status_json(state="sleeping"), MalformedMessageError),
         (_status_json(extra=1), MalformedMessageError),
         (_status_json(progress=2.0), MalformedMessageError),
-        (b'{"v": 1, "type": "agent_status", "client": "c", "state": "idle", "ts": NaN}', MalformedMessageError),
+        (
+            b'{"v": 1, "type": "agent_status", "client": "c", "state": "idle", "ts": NaN}',
+            MalformedMessageError,
+        ),
         (b"[" * 100_000, MalformedMessageError),
     ],
-    ids=["utf8", "text", "array", "version", "type", "client", "state", "extra", "progress", "nan", "deep"],
+    ids=[
+        "utf8",
+        "text",
+        "array",
+        "version",
+        "type",
+        "client",
+        "state",
+        "extra",
+        "progress",
+        "nan",
+        "deep",
+    ],
 )
 def test_malformed_control_messages(data: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
@@ -126,7 +147,15 @@ def test_schemas_are_published_for_every_message() -> None:
 
 def test_round_addressing() -> None:
     ref = BlobRef("0" * 64, 1, 1024)
-    base = {"federation": "f", "aggregator": "a", "round": 1, "issued_at": 0, "deadline": 1, "bundle": ref, "params": ref}
+    base = {
+        "federation": "f",
+        "aggregator": "a",
+        "round": 1,
+        "issued_at": 0,
+        "deadline": 1,
+        "bundle": ref,
+        "params": ref,
+    }
     assert RoundAnnouncement(**base).addresses("anyone")  # type: ignore[arg-type]
     selective = RoundAnnouncement(**base, selected=["d1"])  # type: ignore[arg-type]
     assert selective.addresses("d1")

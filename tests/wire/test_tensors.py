@@ -97,7 +97,9 @@ def test_round_trip_preserves_names_dtypes_shapes(
         if name in encoded.lost:
             # What was lost is exactly the gap, so error feedback loses nothing.
             recovered = decoded[name].astype(np.float64) + encoded.lost[name].astype(np.float64)
-            np.testing.assert_allclose(recovered, original.astype(np.float64), rtol=1e-6, atol=1e-30)
+            np.testing.assert_allclose(
+                recovered, original.astype(np.float64), rtol=1e-6, atol=1e-30
+            )
         elif codec.lossy and original.dtype.kind == "f" and original.dtype != np.float16:
             pytest.fail(f"lossy codec {codec} reported no loss for {name!r}")
 
@@ -195,13 +197,17 @@ def _zstd_bomb() -> bytes:
     # 64 MiB of zeros in ~2 KB.  The header claims 8 bytes; the zstd frame declares
     # 64 MiB, which zstandard would allocate regardless of max_output_size.
     bomb = zstandard.ZstdCompressor(level=19).compress(b"\0" * (64 * 1024 * 1024))
-    return encode_frame("tensors", {"tensors": [_entry()], "compression": "zstd", "raw_len": 8}, bomb)
+    return encode_frame(
+        "tensors", {"tensors": [_entry()], "compression": "zstd", "raw_len": 8}, bomb
+    )
 
 
 def _zstd_unknown_size_bomb() -> bytes:
     compressor = zstandard.ZstdCompressor(level=19, write_content_size=False)
     bomb = compressor.compress(b"\0" * (64 * 1024 * 1024))
-    return encode_frame("tensors", {"tensors": [_entry()], "compression": "zstd", "raw_len": 8}, bomb)
+    return encode_frame(
+        "tensors", {"tensors": [_entry()], "compression": "zstd", "raw_len": 8}, bomb
+    )
 
 
 MALFORMED: list[tuple[str, bytes, type[Exception]]] = [
@@ -214,7 +220,11 @@ MALFORMED: list[tuple[str, bytes, type[Exception]]] = [
     ("unknown-dtype", _frame([_entry(dtype="complex64")], b"\0" * 8), UnsupportedDtypeError),
     ("numpy-object-dtype", _frame([_entry(dtype="object")], b"\0" * 8), UnsupportedDtypeError),
     ("unknown-codec", _frame([_entry(codec="lz4")], b"\0" * 8), UnsupportedCodecError),
-    ("unknown-compression", _frame([_entry()], b"\0" * 8, compression="lzma"), UnsupportedCodecError),
+    (
+        "unknown-compression",
+        _frame([_entry()], b"\0" * 8, compression="lzma"),
+        UnsupportedCodecError,
+    ),
     (
         "shape-over-limits",
         _frame([_entry(shape=[1 << 20, 1 << 20], len=4 << 40)], b""),
@@ -229,7 +239,11 @@ MALFORMED: list[tuple[str, bytes, type[Exception]]] = [
     ("duplicate-names", _frame([_entry(), _entry()], b"\0" * 16), MalformedMessageError),
     ("missing-field", _frame([{"name": "w"}], b""), MalformedMessageError),
     ("entry-not-map", _frame([[1, 2]], b""), MalformedMessageError),
-    ("int8-on-ints", _frame([_entry(dtype="int32", codec="int8", block=4)], b"\0" * 8), MalformedMessageError),
+    (
+        "int8-on-ints",
+        _frame([_entry(dtype="int32", codec="int8", block=4)], b"\0" * 8),
+        MalformedMessageError,
+    ),
     (
         "topk-index-out-of-range",
         _frame(
@@ -250,7 +264,9 @@ MALFORMED: list[tuple[str, bytes, type[Exception]]] = [
     ("zstd-bomb-unknown-size", _zstd_unknown_size_bomb(), DecompressionError),
     (
         "zstd-garbage",
-        encode_frame("tensors", {"tensors": [_entry()], "compression": "zstd", "raw_len": 8}, b"junkjunk"),
+        encode_frame(
+            "tensors", {"tensors": [_entry()], "compression": "zstd", "raw_len": 8}, b"junkjunk"
+        ),
         DecompressionError,
     ),
     (

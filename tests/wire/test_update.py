@@ -22,7 +22,13 @@ metrics = st.dictionaries(
 
 @given(ids, ids, st.integers(0, 10**9), st.integers(0, 50), ids, st.integers(1, 10**12), metrics)
 def test_update_round_trip(
-    fed: str, client: str, round_id: int, lag: int, uid: str, examples: int, values: dict[str, float]
+    fed: str,
+    client: str,
+    round_id: int,
+    lag: int,
+    uid: str,
+    examples: int,
+    values: dict[str, float],
 ) -> None:
     meta = UpdateMeta(fed, client, round_id, max(0, round_id - lag), uid, examples, values, 1.5e9)
     delta = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
