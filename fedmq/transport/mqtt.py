@@ -19,6 +19,7 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 import aiomqtt
+from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -210,7 +211,7 @@ class MqttSession:
             will = aiomqtt.Will(
                 self._will.topic, self._will.payload, self._will.qos, self._will.retain
             )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self._address.host,
             self._address.port,
             identifier=settings.client_id,
@@ -219,7 +220,10 @@ class MqttSession:
             protocol=aiomqtt.ProtocolVersion.V5 if version_5 else aiomqtt.ProtocolVersion.V311,
             will=will,
             clean_session=None if version_5 else not settings.persistent_session,
-            clean_start=not settings.persistent_session if version_5 else True,
+            # paho refuses clean_start under 3.1.1 unless it is left at its default.
+            clean_start=(
+                not settings.persistent_session if version_5 else MQTT_CLEAN_START_FIRST_ONLY
+            ),
             keepalive=settings.keepalive,
             timeout=CONNECT_TIMEOUT,
             properties=properties,
@@ -227,6 +231,10 @@ class MqttSession:
             max_inflight_messages=MAX_INFLIGHT,
             max_queued_incoming_messages=self._max_queued_incoming,
         )
+        # Pipelined chunk uploads keep many publishes pending by design; aiomqtt would
+        # log a warning for every one beyond 10.
+        client.pending_calls_threshold = MAX_INFLIGHT
+        return client
 
     async def run(self, handler: MessageHandler) -> None:
         """Stay connected and feed every received message to ``handler`` until cancelled.
