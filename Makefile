@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 EXTRAS ?= dev,compile
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test lint typecheck pytest demo bench clean-venv
+.PHONY: test lint typecheck pytest demo bench clean-venv .mosquitto
 
 test: lint typecheck pytest
 

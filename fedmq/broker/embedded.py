@@ -84,8 +84,15 @@ class EmbeddedBroker:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "fedmq.broker.embedded", "--host", self._host]
-                + ["--port", str(self._port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "fedmq.broker.embedded",
+                    "--host",
+                    self._host,
+                    "--port",
+                    str(self._port),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
@@ -102,7 +109,9 @@ class EmbeddedBroker:
                 return
             time.sleep(0.05)
         self.stop()
-        raise TransportError(f"embedded broker did not start on port {self._port}; see {self.log_path}")
+        raise TransportError(
+            f"embedded broker did not start on port {self._port}; see {self.log_path}"
+        )
 
     def stop(self) -> None:
         """Stop the broker process."""

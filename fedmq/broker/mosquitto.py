@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -96,6 +97,7 @@ class MosquittoConfig:
             max_inflight_messages=self.max_inflight_messages,
             persistence="true" if self.persistence else "false",
             state_dir=str(state_dir),
+            user=pwd.getpwuid(os.getuid()).pw_name,
         )
         if self.extra_lines:
             text += "\n" + "\n".join(self.extra_lines) + "\n"
