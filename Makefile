@@ -34,6 +34,9 @@ $(VENV)/.installed: pyproject.toml
 	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	@# onnx2torch (fedmq compile of .onnx files) declares torchvision, which it needs only for
+	@# NonMaxSuppression/RoiAlign and whose PyPI wheel does not load beside the CPU torch wheel.
+	case ",$(EXTRAS)," in *,compile,*) $(BIN)/python -m pip install -q --no-deps "onnx2torch==1.5.15";; esac
 	@touch $@
 
 # Mosquitto is started privately by the tests on a random port; we only need the binary.

@@ -1,1 +1,28 @@
-"""The fedmq edge agent: the device daemon that trains locally and uploads model deltas."""
+"""fedmq edge agent: the device daemon that trains locally and uploads compressed deltas.
+
+Installed with ``pip install fedmq[agent]``; imports only the device stack (aiomqtt,
+numpy, onnxruntime, pydantic, pydantic-settings, zstandard), never torch or the server
+packages (``tests/agent/test_imports.py`` enforces it).
+
+Public API:
+
+- :class:`AgentSettings`, :func:`load_settings`: configuration (TOML + ``FEDMQ_AGENT_``).
+- :class:`Agent`: the daemon (``await Agent(settings).run()``; ``request_stop()``).
+- :func:`main`: the ``fedmq-agent`` command; exit codes ``EXIT_CONFIG`` / ``EXIT_RUNTIME``.
+"""
+
+from edge_agent.cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, main, run_agent
+from edge_agent.config import AgentSettings, load_settings
+from edge_agent.daemon import Agent, AgentStatistics
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "Agent",
+    "AgentSettings",
+    "AgentStatistics",
+    "load_settings",
+    "main",
+    "run_agent",
+]

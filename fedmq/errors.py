@@ -22,7 +22,9 @@ drop remote errors and keep running; local errors are bugs or bad configuration.
     │   │   └── DecompressionError     the compressed stream is corrupt or lies
     │   └── IntegrityError             a checksum or sha256 does not match
     ├── BundleError                    a model bundle is missing files or inconsistent
+    ├── StateError                     the aggregator's state directory is unreadable
     ├── TrainingError                  local training could not run or diverged
+    │   └── TrainingCancelled          the caller asked training to stop between batches
     ├── CompileError                   a PyTorch/ONNX model could not be compiled
     │   └── UnsupportedOperatorError   an operator has no train-step translation
     └── TransportError                 the broker is unreachable or the session broke
@@ -107,6 +109,10 @@ class BundleError(FedmqError):
     """A model bundle is missing files or its parts disagree."""
 
 
+class StateError(FedmqError):
+    """The aggregator's state directory is unreadable or inconsistent (not a peer's fault)."""
+
+
 class TrainingError(FedmqError):
     """Local training could not run (bad data, diverged loss, runtime failure)."""
 
@@ -128,3 +134,10 @@ class UnsupportedOperatorError(CompileError):
 
 class TransportError(FedmqError):
     """The broker is unreachable or the MQTT session failed."""
+
+
+class TrainingCancelled(TrainingError):  # noqa: N818 - the agent interface's name
+    """Training stopped early because the caller's ``should_stop()`` returned true.
+
+    Raised between batches; no partial update is returned.
+    """

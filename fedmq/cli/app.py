@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from fedmq.cli.compile_cmd import compile_command
+
 app = typer.Typer(
     name="fedmq",
     help="Federated learning for factory edge devices over MQTT.",
@@ -11,6 +13,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+app.command("compile")(compile_command)
 
 
 @app.callback()

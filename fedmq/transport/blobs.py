@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import aiomqtt
 
@@ -19,6 +20,44 @@ from fedmq.wire.topics import BlobChunkTopic, Topics
 log = logging.getLogger(__name__)
 
 PUBLISH_WINDOW = 32  # chunks in flight at once: pipelines the upload without flooding
+# Refetches of a blob whose reassembled bytes fail the sha256 check before the fetch
+# fails: a corrupt *retained* chunk is re-delivered identically on every resubscribe, so
+# retrying forever would only hammer the broker.
+MAX_REFETCHES = 3
+
+
+class ChunkStore(Protocol):
+    """Where a :class:`BlobReceiver` puts the chunks of one blob.
+
+    :class:`~fedmq.wire.blobs.BlobAssembler` (memory) is the default; an agent plugs in
+    a disk-backed store so a partial download survives a restart.
+    """
+
+    @property
+    def ref(self) -> BlobRef:
+        """The blob being assembled."""
+        ...
+
+    @property
+    def complete(self) -> bool:
+        """True when every chunk is present."""
+        ...
+
+    @property
+    def received(self) -> int:
+        """Number of distinct chunks present."""
+        ...
+
+    def add(self, index: int, payload: Buffer) -> bool:
+        """Store chunk ``index``; False for a duplicate."""
+        ...
+
+    def finish(self) -> bytearray:
+        """The verified blob; raises IntegrityError (and forgets every chunk) on mismatch."""
+        ...
+
+
+ChunkStoreFactory = Callable[[BlobRef, DecodeLimits], ChunkStore]
 
 
 async def publish_chunks(
@@ -108,7 +147,10 @@ class BlobReceiver:
     Register a wanted blob with :meth:`want`, feed every message on a blob topic to
     :meth:`feed`, and await :meth:`wait` for the verified bytes.  Corrupt chunks are
     dropped with a log line (a later copy may be good); a blob that fails its sha256
-    check is refetched by resubscribing, which makes the broker resend retained chunks.
+    check is refetched by resubscribing, which makes the broker resend retained chunks;
+    after ``max_refetches`` such failures the fetch fails with ``IntegrityError``.
+
+    ``store_factory`` decides where chunks are kept (default: in memory).
     """
 
     def __init__(
@@ -117,12 +159,18 @@ class BlobReceiver:
         topics: Topics,
         limits: DecodeLimits = DEFAULT_LIMITS,
         on_progress: Callable[[BlobRef, int], Awaitable[None] | None] | None = None,
+        *,
+        store_factory: ChunkStoreFactory = BlobAssembler,
+        max_refetches: int = MAX_REFETCHES,
     ) -> None:
         self._session = session
         self._topics = topics
         self._limits = limits
-        self._pending: dict[str, tuple[BlobAssembler, asyncio.Future[bytearray]]] = {}
+        self._pending: dict[str, tuple[ChunkStore, asyncio.Future[bytearray]]] = {}
+        self._failures: dict[str, int] = {}
         self._on_progress = on_progress
+        self._store_factory = store_factory
+        self._max_refetches = max_refetches
         self.rejected_chunks = 0
         self.refetches = 0
 
@@ -132,7 +180,8 @@ class BlobReceiver:
         if entry is not None:
             return entry[1]
         future: asyncio.Future[bytearray] = asyncio.get_running_loop().create_future()
-        self._pending[ref.sha256] = (BlobAssembler(ref, self._limits), future)
+        self._pending[ref.sha256] = (self._store_factory(ref, self._limits), future)
+        self._failures[ref.sha256] = 0
         await self._session.subscribe(self._topics.blob_filter(ref.sha256), qos=1)
         return future
 
@@ -155,6 +204,7 @@ class BlobReceiver:
     async def cancel(self, ref: BlobRef) -> None:
         """Stop fetching ``ref``."""
         entry = self._pending.pop(ref.sha256, None)
+        self._failures.pop(ref.sha256, None)
         if entry is not None:
             entry[1].cancel()
             await self._session.unsubscribe(self._topics.blob_filter(ref.sha256))
@@ -184,15 +234,28 @@ class BlobReceiver:
                 await result
         if not assembler.complete or future.done():
             return
+        sha256 = assembler.ref.sha256
+        blob_filter = self._topics.blob_filter(sha256)
         try:
             blob = assembler.finish()
         except IntegrityError as exc:
+            failures = self._failures.get(sha256, 0) + 1
+            self._failures[sha256] = failures
+            if failures > self._max_refetches:
+                log.warning("%s; giving up after %d refetches", exc, failures - 1)
+                del self._pending[sha256]
+                self._failures.pop(sha256, None)
+                await self._session.unsubscribe(blob_filter)
+                future.set_exception(
+                    IntegrityError(f"{exc} (still wrong after {failures - 1} refetches)")
+                )
+                return
             self.refetches += 1
             log.warning("%s; fetching it again", exc)
-            blob_filter = self._topics.blob_filter(assembler.ref.sha256)
             await self._session.unsubscribe(blob_filter)
             await self._session.subscribe(blob_filter, qos=1)
             return
-        del self._pending[assembler.ref.sha256]
-        await self._session.unsubscribe(self._topics.blob_filter(assembler.ref.sha256))
+        del self._pending[sha256]
+        self._failures.pop(sha256, None)
+        await self._session.unsubscribe(blob_filter)
         future.set_result(blob)

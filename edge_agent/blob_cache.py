@@ -1,0 +1,239 @@
+"""Content-addressed blob cache in the state directory, with resumable downloads.
+
+::
+
+    blobs/<sha256>          complete blobs, verified when written and again when read
+    partial/<sha256>/<i>    chunk i of a download in progress (one file per chunk)
+
+One file per chunk makes resuming trivial and crash-safe: a chunk file is renamed into
+place only once written, so after a restart every present file is a whole chunk (its
+length is checked again), and the final sha256 check catches anything else.  Chunk files
+are not fsync'd: a chunk lost to a power cut costs a re-download, not correctness.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from edge_agent.fsutil import TMP_SUFFIX, remove_tree, write_file
+from fedmq.errors import IntegrityError, LimitExceededError, MalformedMessageError
+from fedmq.wire.blobs import BlobRef, sha256_hex
+from fedmq.wire.framing import Buffer
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+
+log = logging.getLogger(__name__)
+
+_BLOBS = "blobs"
+_PARTIAL = "partial"
+
+
+class DiskChunkStore:
+    """The chunks of one blob on disk; resumes whatever an earlier process left.
+
+    Implements :class:`fedmq.transport.blobs.ChunkStore`.  On success :meth:`finish`
+    moves the verified blob into the cache and deletes the chunk files.
+    """
+
+    def __init__(self, cache: BlobCache, ref: BlobRef, limits: DecodeLimits) -> None:
+        ref.check_limits(limits)
+        self._cache = cache
+        self._ref = ref
+        self._dir = cache.partial_dir(ref.sha256)
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._have: set[int] = set()
+        for path in self._dir.iterdir():
+            index = _chunk_index(path, ref)
+            if index is None or path.stat().st_size != ref.chunk_length(index):
+                path.unlink(missing_ok=True)  # a stray temp file or a torn chunk
+                continue
+            self._have.add(index)
+        if self._have:
+            log.info(
+                "resuming blob %s…: %d of %d chunks already on disk",
+                ref.sha256[:12],
+                len(self._have),
+                ref.count,
+            )
+
+    @property
+    def ref(self) -> BlobRef:
+        """The blob being downloaded."""
+        return self._ref
+
+    @property
+    def complete(self) -> bool:
+        """True when every chunk is on disk."""
+        return len(self._have) == self._ref.count
+
+    @property
+    def received(self) -> int:
+        """Chunks on disk."""
+        return len(self._have)
+
+    def missing(self) -> list[int]:
+        """Indices of chunks not on disk yet, ascending."""
+        return [index for index in range(self._ref.count) if index not in self._have]
+
+    def add(self, index: int, payload: Buffer) -> bool:
+        """Write chunk ``index``; return False for a duplicate.
+
+        Raises:
+            MalformedMessageError: index out of range or wrong payload length.
+        """
+        expected = self._ref.chunk_length(index)
+        view = memoryview(payload).cast("B")
+        if len(view) != expected:
+            raise MalformedMessageError(
+                f"chunk {index} of blob {self._ref.sha256[:12]} is {len(view)} bytes, "
+                f"expected {expected}"
+            )
+        if index in self._have:
+            return False
+        write_file(self._dir / str(index), view, durable=False)
+        self._have.add(index)
+        return True
+
+    def finish(self) -> bytearray:
+        """Concatenate, verify and cache the blob; return its bytes.
+
+        Raises:
+            MalformedMessageError: chunks are missing.
+            IntegrityError: the bytes do not hash to the blob's sha256; every chunk file
+                is deleted so the blob is fetched again from scratch.
+        """
+        if not self.complete:
+            raise MalformedMessageError(
+                f"blob {self._ref.sha256[:12]} is missing {self._ref.count - len(self._have)} "
+                f"of {self._ref.count} chunks"
+            )
+        data = bytearray(self._ref.size)
+        for index in range(self._ref.count):
+            start = index * self._ref.chunk_size
+            length = self._ref.chunk_length(index)
+            with open(self._dir / str(index), "rb") as handle:
+                read = handle.readinto(memoryview(data)[start : start + length])
+            if read != length:  # the file changed under us: treat as corrupt
+                self._reset()
+                raise IntegrityError(f"chunk file {index} of {self._ref.sha256[:12]} is short")
+        digest = sha256_hex(data)
+        if digest != self._ref.sha256:
+            self._reset()
+            raise IntegrityError(
+                f"blob reassembled to sha256 {digest[:12]}…, expected {self._ref.sha256[:12]}…"
+            )
+        self._cache.put_verified(self._ref, data)
+        remove_tree(self._dir)
+        return data
+
+    def _reset(self) -> None:
+        for index in self._have:
+            (self._dir / str(index)).unlink(missing_ok=True)
+        self._have.clear()
+
+
+def _chunk_index(path: Path, ref: BlobRef) -> int | None:
+    name = path.name
+    if name.endswith(TMP_SUFFIX) or not name.isdigit() or (len(name) > 1 and name[0] == "0"):
+        return None
+    index = int(name)
+    return index if index < ref.count else None
+
+
+class BlobCache:
+    """Verified blobs by sha256, plus the partial downloads of blobs not yet complete.
+
+    Args:
+        root: the cache directory (created if needed).
+        max_bytes: complete blobs beyond this total are evicted, oldest first, except
+            the ones a caller asks to keep.
+    """
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        (root / _BLOBS).mkdir(parents=True, exist_ok=True)
+        (root / _PARTIAL).mkdir(parents=True, exist_ok=True)
+        self.corrupt_reads = 0
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the complete blob ``sha256`` lives."""
+        return self.root / _BLOBS / sha256
+
+    def partial_dir(self, sha256: str) -> Path:
+        """Where the chunks of blob ``sha256`` gather while it downloads."""
+        return self.root / _PARTIAL / sha256
+
+    def get(self, ref: BlobRef, limits: DecodeLimits = DEFAULT_LIMITS) -> bytearray | None:
+        """Return the cached blob if present and intact, else None.
+
+        A cached file whose size or sha256 is wrong (disk corruption, tampering) is
+        deleted and reported as missing, so the caller downloads it again.
+        """
+        path = self.blob_path(ref.sha256)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        try:
+            ref.check_limits(limits)
+        except LimitExceededError:
+            return None
+        if size != ref.size:
+            self._discard(path, f"is {size} bytes, expected {ref.size}")
+            return None
+        data = bytearray(size)
+        with open(path, "rb") as handle:
+            read = handle.readinto(data)
+        if read != size or sha256_hex(data) != ref.sha256:
+            self._discard(path, "fails its sha256 check")
+            return None
+        os.utime(path)  # mark as recently used for eviction
+        return data
+
+    def _discard(self, path: Path, problem: str) -> None:
+        self.corrupt_reads += 1
+        log.warning(
+            "cached blob %s… %s; deleting it and downloading again", path.name[:12], problem
+        )
+        path.unlink(missing_ok=True)
+
+    def put_verified(self, ref: BlobRef, data: Buffer) -> None:
+        """Store a blob whose sha256 the caller has checked."""
+        write_file(self.blob_path(ref.sha256), data, durable=False)
+
+    def store_factory(self, ref: BlobRef, limits: DecodeLimits) -> DiskChunkStore:
+        """A :class:`DiskChunkStore` for ``ref`` (pass as ``BlobReceiver(store_factory=…)``)."""
+        return DiskChunkStore(self, ref, limits)
+
+    def evict(self, keep: set[str]) -> list[str]:
+        """Delete the least recently used blobs beyond ``max_bytes``, never those in ``keep``.
+
+        Partial downloads of blobs not in ``keep`` are deleted too: they belong to rounds
+        that are over.
+
+        Returns:
+            sha256 of every blob deleted.
+        """
+        removed: list[str] = []
+        for partial in (self.root / _PARTIAL).iterdir():
+            if partial.name not in keep:
+                remove_tree(partial)
+        entries = []
+        for path in (self.root / _BLOBS).iterdir():
+            if path.name.endswith(TMP_SUFFIX):
+                path.unlink(missing_ok=True)
+                continue
+            stat = path.stat()
+            entries.append((stat.st_mtime, stat.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= self.max_bytes:
+                break
+            if path.name in keep:
+                continue
+            path.unlink(missing_ok=True)
+            total -= size
+            removed.append(path.name)
+        return removed

@@ -1,0 +1,260 @@
+"""Agent configuration: a TOML file overridden by ``FEDMQ_AGENT_`` environment variables.
+
+Environment variables beat the file so a systemd unit (``Environment=``, credentials)
+can override one setting without editing it; nested fields use ``__``, e.g.
+``FEDMQ_AGENT_BROKER__PASSWORD``.  Every error becomes a :class:`~fedmq.errors.ConfigError`
+naming the file and the field, which the CLI turns into its configuration exit code.
+See ``docs/agent.md`` for the reference.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fedmq.errors import ConfigError, InvalidIdentifierError
+from fedmq.transport.mqtt import KEEPALIVE, BrokerAddress, BrokerSettings
+from fedmq.wire.ids import validate_id, validate_root
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, MiB
+
+ENV_PREFIX = "FEDMQ_AGENT_"
+DEFAULT_STATE_DIR = Path("/var/lib/fedmq-agent")
+DEFAULT_HEARTBEAT = 10.0  # seconds: the aggregator declares an agent gone after ~3 missed
+DEFAULT_MAX_BLOB_MB = 256  # MiB: a bundle or parameter set; matches the wire default
+DEFAULT_CACHE_MAX_MB = 512  # MiB: keeps the current and previous model of a few federations
+DEFAULT_DOWNLOAD_TIMEOUT = 600.0  # seconds: 20 MB over a slow plant network, with margin
+DEFAULT_MAX_TRAIN_SECONDS = 3600.0  # seconds: a round that trains longer is abandoned
+DEFAULT_ROUND_RETRY = 10.0  # seconds: first wait after a failed round; doubles up to 10 min
+DEFAULT_ACK_TIMEOUT = 60.0  # seconds: re-send an unacknowledged update after this long
+DEFAULT_OUTBOX_MAX_AGE = 24 * 3600.0  # seconds: the broker's session expiry; older is moot
+MAX_THREADS = 256
+
+
+def _identifier(value: str) -> str:
+    try:
+        return validate_id(value)
+    except InvalidIdentifierError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _root(value: str) -> str:
+    try:
+        return validate_root(value)
+    except InvalidIdentifierError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _broker_url(value: str) -> str:
+    try:
+        BrokerAddress.parse(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from exc
+    return value
+
+
+def _entry_point(value: str | None) -> str | None:
+    if value is None:
+        return None
+    module, sep, function = value.partition(":")
+    names = [*module.split("."), *function.split(".")]
+    if not sep or not all(name.isidentifier() for name in names):
+        raise ValueError(f"entry point {value!r} must look like 'package.module:function'")
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Section):
+    """``[broker]``: where the MQTT broker is and how to authenticate."""
+
+    url: Annotated[str, AfterValidator(_broker_url)] = Field(
+        description="mqtt://host[:port] or mqtts://host[:port]"
+    )
+    username: str | None = None
+    password: SecretStr | None = Field(None, description="prefer FEDMQ_AGENT_BROKER__PASSWORD")
+    ca_file: Path | None = Field(None, description="CA bundle for mqtts (system CAs if unset)")
+    cert_file: Path | None = Field(None, description="device certificate (mTLS)")
+    key_file: Path | None = Field(None, description="private key of cert_file")
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive_s: int = Field(KEEPALIVE, ge=5, le=3600)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> BrokerConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        tls = self.url.startswith("mqtts://")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path: Path | None = getattr(self, name)
+            if path is None:
+                continue
+            if not tls:
+                raise ValueError(f"{name} is set but the broker url is not mqtts://")
+            if not path.is_file():
+                raise ValueError(f"{name} {str(path)!r} does not exist or is not a file")
+        return self
+
+
+class DataConfig(_Section):
+    """``[data]``: where local training data comes from (see docs/agent.md, "Data layout")."""
+
+    path: Path | None = Field(None, description="directory of .npz or .csv files")
+    entry_point: Annotated[str | None, AfterValidator(_entry_point)] = Field(
+        None, description="'module:function' returning arrays, instead of path"
+    )
+    module_path: Path | None = Field(None, description="directory prepended to sys.path")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments for entry_point"
+    )
+    format: Literal["auto", "npz", "csv"] = "auto"
+    target: Literal["label", "input"] = Field(
+        "label", description="'input' for autoencoders: the label is the input itself"
+    )
+    x_key: str = Field("x", min_length=1, description="array name of the inputs in .npz files")
+    y_key: str = Field("y", min_length=1, description="array name of the labels in .npz files")
+    label_column: str = Field("label", min_length=1, description="CSV column holding the label")
+    eval_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="held out when no eval/ dir")
+    seed: int = Field(0, description="seed of the evaluation split")
+    max_examples: int | None = Field(None, ge=1, description="use at most this many examples")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.path is None) == (self.entry_point is None):
+            raise ValueError("set exactly one of data.path and data.entry_point")
+        if self.path is not None and not self.path.is_dir():
+            raise ValueError(f"data.path {str(self.path)!r} is not a directory")
+        if self.module_path is not None and not self.module_path.is_dir():
+            raise ValueError(f"data.module_path {str(self.module_path)!r} is not a directory")
+        return self
+
+
+class LimitsConfig(_Section):
+    """``[limits]``: resources one round may take."""
+
+    max_blob_mb: int = Field(DEFAULT_MAX_BLOB_MB, ge=1, le=4096)
+    cache_max_mb: int = Field(DEFAULT_CACHE_MAX_MB, ge=1)
+    download_timeout_s: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0)
+    max_train_seconds: float = Field(DEFAULT_MAX_TRAIN_SECONDS, gt=0)
+    round_retry_s: float = Field(DEFAULT_ROUND_RETRY, gt=0, description="first retry delay")
+
+    def decode_limits(self) -> DecodeLimits:
+        """Wire decode limits with this agent's blob size cap."""
+        size = self.max_blob_mb * MiB
+        return DecodeLimits(
+            max_blob_bytes=size,
+            max_decoded_bytes=size,
+            max_chunks=DEFAULT_LIMITS.max_chunks,
+        )
+
+
+class OutboxConfig(_Section):
+    """``[outbox]``: how long an unacknowledged update is kept and re-sent."""
+
+    ack_timeout_s: float = Field(DEFAULT_ACK_TIMEOUT, gt=0)
+    max_age_s: float = Field(DEFAULT_OUTBOX_MAX_AGE, gt=0)
+
+
+class AgentSettings(BaseSettings):
+    """Everything ``fedmq-agent run`` needs; see docs/agent.md for each field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    client_id: Identifier = Field(description="this device's id: MQTT client id and topic level")
+    federation: Identifier
+    topic_root: Annotated[str, AfterValidator(_root)] = "fedmq"
+    state_dir: Path = DEFAULT_STATE_DIR
+    threads: int = Field(1, ge=1, le=MAX_THREADS, description="onnxruntime intra-op threads")
+    heartbeat_s: float = Field(DEFAULT_HEARTBEAT, ge=0.05, le=3600)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    broker: BrokerConfig
+    data: DataConfig
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then the TOML document passed as init arguments."""
+        return env_settings, init_settings
+
+    def broker_settings(self) -> BrokerSettings:
+        """Connection settings for :class:`fedmq.transport.mqtt.MqttSession`."""
+        broker = self.broker
+        return BrokerSettings(
+            url=broker.url,
+            client_id=self.client_id,
+            username=broker.username,
+            password=broker.password.get_secret_value() if broker.password else None,
+            ca_file=broker.ca_file,
+            cert_file=broker.cert_file,
+            key_file=broker.key_file,
+            protocol=broker.protocol,
+            persistent_session=True,
+            keepalive=broker.keepalive_s,
+        )
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors(include_url=False)[:10]:
+        where = ".".join(str(part) for part in error["loc"]) or "<root>"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_settings(document: dict[str, Any], source: str = "<config>") -> AgentSettings:
+    """Validate a parsed TOML document (plus the environment) into settings.
+
+    Raises:
+        ConfigError: naming ``source`` and every offending field.
+    """
+    try:
+        return AgentSettings(**document)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid agent configuration in {source}:\n{_describe(exc)}") from exc
+
+
+def load_settings(path: Path) -> AgentSettings:
+    """Read ``path`` (TOML), apply ``FEDMQ_AGENT_*`` overrides and validate.
+
+    Raises:
+        ConfigError: unreadable file, TOML syntax error (with line and column), or
+            invalid values.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read agent configuration {str(path)!r}: {exc}") from exc
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    return parse_settings(document, str(path))

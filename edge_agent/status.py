@@ -1,0 +1,74 @@
+"""What the agent is doing, as the retained ``AgentStatus`` JSON on ``…/status/<client>``.
+
+The board is plain mutable state updated by the daemon and the training thread (single
+attribute writes, which the GIL makes atomic); :meth:`StatusBoard.snapshot` freezes it
+into a message whenever a heartbeat or a state change publishes it.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from fedmq.wire.control import AgentState, AgentStatus
+
+MAX_ERROR_CHARS = 2000  # AgentStatus.last_error holds 2048; leave room for the ellipsis
+_VERSIONED = ("fedmq", "onnxruntime", "numpy")
+
+
+def versions() -> dict[str, str]:
+    """Versions worth knowing when debugging a device, without importing the packages."""
+    found = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
+class StatusBoard:
+    """The agent's current state, round, progress, bundle and last error."""
+
+    def __init__(self, client: str, heartbeat_s: float) -> None:
+        self.client = client
+        self.heartbeat_s = heartbeat_s
+        self.state: AgentState = "online"
+        self.round: int | None = None
+        self.progress: float | None = None
+        self.bundle: str | None = None
+        self.last_error: str | None = None
+        self._versions = versions()
+
+    def set(
+        self, state: AgentState, round_id: int | None = None, progress: float | None = None
+    ) -> None:
+        """Enter ``state`` (for ``round_id``); progress restarts unless given."""
+        self.state = state
+        if round_id is not None:
+            self.round = round_id
+        self.progress = progress
+
+    def report_progress(self, done: int, total: int) -> None:
+        """Record ``done`` of ``total`` steps of the current state (thread-safe enough)."""
+        self.progress = min(1.0, max(0.0, done / total)) if total > 0 else None
+
+    def error(self, message: str) -> None:
+        """Remember the latest problem (shown until the next one)."""
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS] + "…"
+        self.last_error = message
+
+    def snapshot(self, now: float, state: AgentState | None = None) -> AgentStatus:
+        """The status message as of ``now`` (``state`` overrides, e.g. for the last will)."""
+        return AgentStatus(
+            client=self.client,
+            state=state or self.state,
+            round=self.round,
+            progress=self.progress,
+            bundle=self.bundle,
+            versions=self._versions,
+            last_error=self.last_error,
+            heartbeat_s=self.heartbeat_s,
+            ts=now,
+        )

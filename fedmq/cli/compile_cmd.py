@@ -1,0 +1,162 @@
+"""``fedmq compile``: a PyTorch model factory or an ONNX file to a model bundle.
+
+torch is imported only when the command runs, so ``fedmq --help`` works without the
+``compile`` extra.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from fedmq.errors import CompileError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+EXIT_COMPILE_ERROR = 3  # the model or its options cannot be compiled (not a crash)
+
+
+class Loss(StrEnum):
+    """Training losses (mean over the batch)."""
+
+    cross_entropy = "cross_entropy"
+    mse = "mse"
+    bce_with_logits = "bce_with_logits"
+    l1 = "l1"
+
+
+class BatchNorm(StrEnum):
+    """How BatchNorm layers behave in the train step."""
+
+    train = "train"
+    eval = "eval"
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError as exc:
+        raise CompileError(f"--input-shape {text!r}: expected integers such as 1,28,28") from exc
+    if not shape or any(d < 1 for d in shape):
+        raise CompileError(f"--input-shape {text!r}: expected positive integers such as 1,28,28")
+    return shape
+
+
+def load_factory(reference: str) -> nn.Module:
+    """Call the model factory ``package.module:function`` or ``path/file.py:function``.
+
+    The current directory is importable (as with ``python -m``), so a project's own
+    packages resolve without installing them.
+
+    Raises:
+        CompileError: the reference does not resolve or the factory returns no module.
+    """
+    from torch import nn  # noqa: PLC0415 - torch loads only when compiling
+
+    module_ref, sep, attr = reference.partition(":")
+    if not sep or not attr:
+        raise CompileError(f"{reference!r}: expected package.module:function or file.py:function")
+    try:
+        if module_ref.endswith(".py"):
+            path = Path(module_ref).resolve()
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            if spec is None or spec.loader is None or not path.is_file():
+                raise CompileError(f"{module_ref}: no such Python file")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules.setdefault(path.stem, module)
+            sys.path.insert(0, str(path.parent))
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))
+            module = importlib.import_module(module_ref)
+    except CompileError:
+        raise
+    except Exception as exc:
+        raise CompileError(f"cannot import {module_ref}: {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CompileError(f"{module_ref} has no callable {attr!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise CompileError(f"{reference}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def compile_command(
+    source: Annotated[
+        str,
+        typer.Argument(help="model factory (package.module:function, file.py:function) or .onnx"),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")],
+    loss: Annotated[Loss, typer.Option(help="training loss")] = Loss.cross_entropy,
+    input_shape: Annotated[
+        str | None,
+        typer.Option(help="shape of one example, e.g. 1,28,28 (read from the graph for .onnx)"),
+    ] = None,
+    input_dtype: Annotated[str, typer.Option(help="float32 or int64")] = "float32",
+    trainable: Annotated[
+        list[str] | None,
+        typer.Option(help="glob of parameter names to train (repeatable); others are frozen"),
+    ] = None,
+    batchnorm: Annotated[
+        BatchNorm, typer.Option(help="train: batch statistics; eval: frozen running statistics")
+    ] = BatchNorm.train,
+    name: Annotated[
+        str | None, typer.Option(help="bundle name (default: output directory name)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="torch seed set before calling the factory")] = 0,
+) -> None:
+    """Compile a model and loss into a bundle that devices train with onnxruntime."""
+    try:
+        # Imported here so `fedmq --help` and other commands never load torch.
+        import torch  # noqa: PLC0415
+
+        from fedmq.compile import compile_module  # noqa: PLC0415
+        from fedmq.compile.onnx_import import module_from_onnx  # noqa: PLC0415
+    except ImportError as exc:
+        typer.echo(f"error: fedmq compile needs the compile extra ({exc})", err=True)
+        raise typer.Exit(EXIT_COMPILE_ERROR) from exc
+    if input_dtype not in ("float32", "int64"):
+        typer.echo(f"error: --input-dtype must be float32 or int64, not {input_dtype}", err=True)
+        raise typer.Exit(EXIT_COMPILE_ERROR)
+    try:
+        if source.endswith(".onnx"):
+            model, graph_shape = module_from_onnx(source)
+            shape = _parse_shape(input_shape) if input_shape else graph_shape
+            if shape != graph_shape:
+                raise CompileError(f"--input-shape {shape} differs from the graph's {graph_shape}")
+        else:
+            if not input_shape:
+                raise CompileError("--input-shape is required for a model factory")
+            shape = _parse_shape(input_shape)
+            torch.manual_seed(seed)
+            model = load_factory(source)
+        bundle = compile_module(
+            model,
+            input_shape=shape,
+            loss=loss.value,
+            name=name or out.resolve().name,
+            input_dtype=input_dtype,  # type: ignore[arg-type]
+            trainable=trainable,
+            batchnorm=batchnorm.value,
+        )
+    except CompileError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_COMPILE_ERROR) from exc
+    bundle.write(out)
+    manifest = bundle.manifest
+    total = sum(len(data) for data in bundle.files().values())
+    parameters = sum(t.size for t in manifest.tensors if t.kind == "parameter")
+    trained = sum(t.size for t in manifest.tensors if t.trainable)
+    typer.echo(
+        f"wrote {out} ({total / 1024:.1f} KiB): {parameters} parameters, {trained} trainable, "
+        f"{len(manifest.update_names)} tensors per update, loss {manifest.loss}"
+    )
