@@ -33,6 +33,7 @@ SESSION_EXPIRY = 24 * 3600  # seconds: queued QoS 1 messages survive a day-long 
 BACKOFF_INITIAL = 0.2  # seconds: a restarted broker is usually back within a second
 BACKOFF_MAX = 30.0  # seconds: caps reconnect storms from a plant full of devices
 CONNECT_TIMEOUT = 10.0  # seconds: TCP + TLS + CONNACK on a slow plant network
+DISCONNECT_TIMEOUT = 1.0  # seconds: a clean DISCONNECT at shutdown is best effort
 PUBLISH_TIMEOUT = 30.0  # seconds: one QoS 1 round trip, including a reconnect
 MAX_INFLIGHT = 200  # QoS 1 messages unacknowledged at once: keeps chunk uploads pipelined
 
@@ -246,22 +247,19 @@ class MqttSession:
         while True:
             try:
                 async with client:
-                    self._client = client
-                    for topic_filter, qos in self._subscriptions.items():
-                        await client.subscribe(topic_filter, qos)
-                    self.connections += 1
-                    self.last_error = None
-                    self._backoff.reset()
-                    self._connected.set()
-                    log.info("connected to %s as %s", self.settings.url, self.settings.client_id)
-                    if self._on_connect is not None:
-                        await self._on_connect(self)
-                    async for message in client.messages:
-                        try:
-                            await handler(message)
-                        except Exception:
-                            log.exception("handler failed on a message on %s", message.topic)
+                    try:
+                        await self._serve(client, handler)
+                    except asyncio.CancelledError:
+                        # Leaving now: bound the graceful DISCONNECT the context manager
+                        # sends on exit, which otherwise waits the full connect timeout.
+                        client.timeout = DISCONNECT_TIMEOUT
+                        raise
             except aiomqtt.MqttError as exc:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    # aiomqtt's exit may raise MqttError while we are being cancelled;
+                    # swallowing it would keep a stopped service reconnecting forever.
+                    raise asyncio.CancelledError from exc
                 self.last_error = str(exc) or type(exc).__name__
                 was_connected = self._connected.is_set()
                 log.warning(
@@ -274,6 +272,24 @@ class MqttSession:
                 self._connected.clear()
                 self._client = None
             await asyncio.sleep(self._backoff.next_delay())
+
+    async def _serve(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
+        self._client = client
+        client.timeout = CONNECT_TIMEOUT
+        for topic_filter, qos in self._subscriptions.items():
+            await client.subscribe(topic_filter, qos)
+        self.connections += 1
+        self.last_error = None
+        self._backoff.reset()
+        self._connected.set()
+        log.info("connected to %s as %s", self.settings.url, self.settings.client_id)
+        if self._on_connect is not None:
+            await self._on_connect(self)
+        async for message in client.messages:
+            try:
+                await handler(message)
+            except Exception:
+                log.exception("handler failed on a message on %s", message.topic)
 
     async def publish(
         self,
