@@ -11,21 +11,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
+from typing import Literal
 
-from fedmq.broker.mosquitto import START_TIMEOUT, STOP_TIMEOUT, free_port
+from fedmq.broker.process import START_TIMEOUT, BrokerProcess, free_port
 from fedmq.errors import TransportError
 
-PROTOCOL = "3.1.1"
+PROTOCOL: Literal["3.1.1"] = "3.1.1"
 
 
 def amqtt_available() -> bool:
@@ -37,41 +34,20 @@ def amqtt_available() -> bool:
     return True
 
 
-class EmbeddedBroker:
-    """An amqtt broker process on a private loopback port."""
+class EmbeddedBroker(BrokerProcess):
+    """An amqtt broker process on a private loopback port (no persistence)."""
 
+    name = "amqtt"
     protocol = PROTOCOL
-    name = "amqtt (embedded, MQTT 3.1.1)"
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", log_dir: Path | None = None):
-        self._host = host
+        super().__init__(host, Path(log_dir or tempfile.mkdtemp(prefix="fedmq-amqtt-")))
         self._port = port
-        self._log_dir = Path(log_dir or tempfile.mkdtemp(prefix="fedmq-amqtt-"))
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        """Address clients connect to."""
-        return self._host
 
     @property
     def port(self) -> int:
         """TCP port of the listener (valid after ``start``)."""
         return self._port
-
-    @property
-    def url(self) -> str:
-        """``mqtt://host:port`` URL of the broker."""
-        return f"mqtt://{self._host}:{self._port}"
-
-    @property
-    def log_path(self) -> Path:
-        """File the broker logs to."""
-        return self._log_dir / "amqtt.log"
-
-    def is_running(self) -> bool:
-        """True while the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
         """Start the broker process and wait until it accepts TCP connections."""
@@ -80,79 +56,23 @@ class EmbeddedBroker:
         if self.is_running():
             return
         if self._port == 0:
-            self._port = free_port(self._host)
-        self._log_dir.mkdir(parents=True, exist_ok=True)
+            self._port = free_port(self.host)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "fedmq.broker.embedded"]
+        command += ["--host", self.host, "--port", str(self._port)]
         with self.log_path.open("ab") as log_file:
             self._process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "fedmq.broker.embedded",
-                    "--host",
-                    self._host,
-                    "--port",
-                    str(self._port),
-                ],
+                command,
                 stdin=subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + START_TIMEOUT * 3  # Python start-up plus imports
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                break
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self._host, self._port), timeout=0.2),
-            ):
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise TransportError(
-            f"embedded broker did not start on port {self._port}; see {self.log_path}"
-        )
-
-    def stop(self) -> None:
-        """Stop the broker process."""
-        process = self._process
-        self._process = None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def kill(self) -> None:
-        """Kill the broker process (a crash)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
-
-    def restart(self) -> None:
-        """Stop and start again on the same port (retained messages are lost: no persistence)."""
-        self.stop()
-        self.start()
-
-    def close(self) -> None:
-        """Stop the broker."""
-        self.stop()
-
-    def __enter__(self) -> EmbeddedBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        if not self._wait_ready(START_TIMEOUT * 3):  # Python start-up plus amqtt's imports
+            self.stop()
+            raise TransportError(
+                f"embedded broker did not start on port {self._port}; see {self.log_path}"
+            )
 
 
 async def _serve(host: str, port: int) -> None:

@@ -7,25 +7,19 @@ on a free loopback port, with its own state directory, so it never touches a sys
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import shutil
-import signal
-import socket
 import string
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 
+from fedmq.broker.process import START_TIMEOUT, BrokerProcess, free_port
 from fedmq.errors import ConfigError, TransportError
 
-START_TIMEOUT = 10.0  # seconds: mosquitto binds within ~50 ms; slow CI disks need margin
-STOP_TIMEOUT = 5.0  # seconds: SIGTERM lets it write its persistence file first
 DEFAULT_MAX_PACKET_SIZE = 1024 * 1024  # bytes: one 256 KiB chunk plus headers, with headroom
 DEFAULT_MAX_QUEUED_MESSAGES = 100_000  # see the template: bursts of update chunks
 DEFAULT_MAX_QUEUED_BYTES = 2 * 1024**3  # bytes: bound the queue by memory, not by count
@@ -65,14 +59,6 @@ def template_text(name: str = "dev.conf.template") -> str:
     raise ConfigError(f"mosquitto config template {name!r} not found in the fedmq installation")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @dataclass
 class MosquittoConfig:
     """Settings rendered into the development broker's config file."""
@@ -104,45 +90,31 @@ class MosquittoConfig:
         return text
 
 
-class MosquittoBroker:
+class MosquittoBroker(BrokerProcess):
     """A Mosquitto process on a private port; use as a context manager or call start/stop.
 
     ``restart()`` keeps the port and, with ``persistence=True``, the retained messages
     and persistent sessions, which is what a plant broker's reboot looks like to clients.
     """
 
+    name = "mosquitto"
+    protocol = "5"
+
     def __init__(
         self, config: MosquittoConfig | None = None, state_dir: Path | None = None
     ) -> None:
         self.config = config or MosquittoConfig()
         self._own_state_dir = state_dir is None
-        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="fedmq-mosquitto-"))
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(
+            self.config.bind_address,
+            Path(state_dir or tempfile.mkdtemp(prefix="fedmq-mosquitto-")),
+        )
         self.executable = find_mosquitto()
-
-    @property
-    def host(self) -> str:
-        """Address clients connect to."""
-        return self.config.bind_address
 
     @property
     def port(self) -> int:
         """TCP port of the listener (valid after ``start``)."""
         return self.config.port
-
-    @property
-    def url(self) -> str:
-        """``mqtt://host:port`` URL of the broker."""
-        return f"mqtt://{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        """File the broker logs to."""
-        return self.state_dir / "mosquitto.log"
-
-    def is_running(self) -> bool:
-        """True while the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
         """Start the broker and wait until it accepts TCP connections."""
@@ -162,13 +134,13 @@ class MosquittoBroker:
                 [self.executable, "-c", str(conf_path)],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in a terminal is ours to forward
             )
-            if self._wait_ready():
+            if self._wait_ready(START_TIMEOUT):
                 return
             # Lost the race for the port, or the config is bad: report the latter.
-            self._reap()
+            self.stop()
             if not pick_port:
                 break
         raise TransportError(
@@ -176,70 +148,14 @@ class MosquittoBroker:
             f"see {self.log_path}: {self._log_tail()}"
         )
 
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._process is None or self._process.poll() is not None:
-                return False
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.config.port), timeout=0.2),
-            ):
-                return True
-            time.sleep(0.02)
-        return False
-
     def _log_tail(self) -> str:
         text = ""
         if self.log_path.exists():
             text = self.log_path.read_text(encoding="utf-8", errors="replace")
         return " | ".join(text.strip().splitlines()[-5:]) or "(no log output)"
 
-    def _reap(self) -> None:
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stderr is not None:
-            process.stderr.close()
-        self._process = None
-
-    def stop(self) -> None:
-        """Stop the broker (SIGTERM, so it saves persistence) and wait for it to exit."""
-        self._reap()
-
-    def kill(self) -> None:
-        """Kill the broker without letting it save anything (a crash)."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._reap()
-
-    def restart(self) -> None:
-        """Stop and start again on the same port."""
-        self.stop()
-        self.start()
-
     def close(self) -> None:
         """Stop the broker and delete its state directory if this object created it."""
         self.stop()
         if self._own_state_dir:
             shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def __enter__(self) -> MosquittoBroker:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -71,8 +71,9 @@ async def test_cancel_stops_the_session_even_when_the_broker_hangs(
 
     task = asyncio.create_task(session.run(ignore))
     await session.wait_connected(10)
-    assert broker._process is not None
-    os.kill(broker._process.pid, signal.SIGSTOP)  # frozen: never answers again
+    pid = broker.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # frozen: never answers again
     # Fill the socket buffers so not even the DISCONNECT packet can leave.
     stuck = [
         asyncio.create_task(session.publish(f"{federation}/fill", bytes(1 << 20), qos=0))
@@ -84,7 +85,7 @@ async def test_cancel_stops_the_session_even_when_the_broker_hangs(
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, 15)
     finally:
-        os.kill(broker._process.pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
         for publish in stuck:
             publish.cancel()
         await asyncio.gather(*stuck, return_exceptions=True)
