@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedmq.cli.compile_cmd import compile_command
+from fedmq.cli.serve_cmd import export_command, serve_command
 
 app = typer.Typer(
     name="fedmq",
@@ -16,6 +17,8 @@ app = typer.Typer(
 
 
 app.command("compile")(compile_command)
+app.command("serve")(serve_command)
+app.command("export")(export_command)
 
 
 @app.callback()

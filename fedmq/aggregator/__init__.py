@@ -1,0 +1,22 @@
+"""The aggregator service (``fedmq serve``): the IO shell around :mod:`fedmq.protocol`.
+
+- :mod:`~fedmq.aggregator.config`: ``federation.toml`` + ``FEDMQ_*`` environment.
+- :mod:`~fedmq.aggregator.store`: the crash-safe state directory.
+- :mod:`~fedmq.aggregator.service`: MQTT session, action execution, shutdown.
+- :mod:`~fedmq.aggregator.export`: a round's model as an ONNX file.
+"""
+
+from fedmq.aggregator.config import AggregatorSettings, load_settings
+from fedmq.aggregator.export import export_onnx
+from fedmq.aggregator.service import AggregatorService, serve
+from fedmq.aggregator.store import StateStore, read_records
+
+__all__ = [
+    "AggregatorService",
+    "AggregatorSettings",
+    "StateStore",
+    "export_onnx",
+    "load_settings",
+    "read_records",
+    "serve",
+]

@@ -1,0 +1,303 @@
+"""``federation.toml``: the aggregator's configuration (pydantic-settings).
+
+Values come from the TOML file, overridden by ``FEDMQ_*`` environment variables (nested
+tables with ``__``: ``FEDMQ_ROUND__DEADLINE_S=120``, ``FEDMQ_BROKER__PASSWORD=…``).
+Relative paths in the file are relative to the file.  Every field is documented in
+``docs/aggregator.md``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from fedmq.errors import ConfigError, InvalidIdentifierError, LocalProtocolError
+from fedmq.protocol.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
+from fedmq.protocol.policy import (
+    DEFAULT_DEADLINE,
+    DEFAULT_DEDUPE_ROUNDS,
+    DEFAULT_SETTLE,
+    AsyncPolicy,
+    CoordinatorConfig,
+    SyncPolicy,
+    TargetMetric,
+)
+from fedmq.protocol.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
+from fedmq.protocol.selection import SelectAll, SelectFraction, Selection, SelectList
+from fedmq.runtime.config import TrainingConfig
+from fedmq.strategies.config import StrategyConfig, build_strategy
+from fedmq.transport.mqtt import KEEPALIVE, BrokerAddress, BrokerSettings
+from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE
+from fedmq.wire.control import CodecText
+from fedmq.wire.ids import validate_id, validate_root
+from fedmq.wire.topics import DEFAULT_ROOT
+
+STATUS_INTERVAL = 0.5  # seconds: coalesce status publishes during bursts of updates
+SHUTDOWN_GRACE = 10.0  # seconds: finish storing and acking in-flight updates on SIGTERM
+
+
+def _id(value: str) -> str:
+    try:
+        return validate_id(value)
+    except InvalidIdentifierError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _root(value: str) -> str:
+    try:
+        return validate_root(value)
+    except InvalidIdentifierError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+Identifier = Annotated[str, AfterValidator(_id)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerConfig(_Section):
+    """``[broker]``: where the broker is and who we are to it."""
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://…")
+    client_id: Identifier | None = Field(
+        None, description="MQTT client id (default fedmq-aggregator-<federation>)"
+    )
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive: int = Field(KEEPALIVE, ge=5, le=3600, description="seconds")
+
+
+class RoundSection(_Section):
+    """``[round]``: synchronous round policy."""
+
+    deadline_s: float = Field(DEFAULT_DEADLINE, gt=0)
+    target_updates: int | None = Field(None, ge=1, description="None: every selected agent")
+    min_updates: int = Field(1, ge=1, description="quorum at the deadline")
+    extension_s: float | None = Field(None, gt=0, description="None: deadline_s")
+    min_agents: int | None = Field(None, ge=1, description="online before a round opens")
+    selection: Literal["all", "fraction", "list"] = "all"
+    fraction: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    agents: list[Identifier] = Field(default_factory=list, description="selection = list")
+    late_updates: Literal["drop", "fold"] = "drop"
+    max_staleness: int = Field(1, ge=0)
+
+    def selection_policy(self) -> Selection:
+        """The selection rule."""
+        if self.selection == "fraction":
+            return SelectFraction(self.fraction, self.seed)
+        if self.selection == "list":
+            return SelectList(frozenset(self.agents))
+        return SelectAll()
+
+
+class FedBuffSection(_Section):
+    """``[fedbuff]``: asynchronous mode (FedBuff)."""
+
+    buffer_size: int = Field(10, ge=1, description="K: updates per new model version")
+    max_staleness: int = Field(10, ge=0)
+    deadline_s: float = Field(DEFAULT_DEADLINE, gt=0)
+    min_updates: int = Field(1, ge=1)
+
+
+class TargetMetricSection(_Section):
+    """``[target_metric]``: stop once a round's weighted metric reaches a value."""
+
+    name: str = Field(min_length=1, max_length=64)
+    value: float = Field(allow_inf_nan=False)
+    mode: Literal["max", "min"] = "max"
+
+
+class AggregatorSettings(BaseSettings):
+    """Everything ``fedmq serve`` needs; see ``docs/aggregator.md``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDMQ_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    federation: Identifier
+    bundle: Path = Field(description="model bundle directory (fedmq compile output)")
+    state_dir: Path = Field(description="where checkpoints, updates and records live")
+    rounds: int = Field(ge=1)
+    mode: Literal["sync", "async"] = "sync"
+    topic_root: Annotated[str, AfterValidator(_root)] = DEFAULT_ROOT
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    round: RoundSection = Field(default_factory=RoundSection)
+    fedbuff: FedBuffSection = Field(default_factory=FedBuffSection)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    codec: CodecText = "raw"
+    # Upper bound: a chunk message must fit DecodeLimits.max_message_bytes (4 MiB) with its header.
+    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=2 * 1024 * 1024)
+    target_metric: TargetMetricSection | None = None
+    agents: list[Identifier] | None = Field(None, description="allow list (None: any)")
+    heartbeat_s: float = Field(DEFAULT_HEARTBEAT, gt=0)
+    missed_heartbeats: int = Field(MISSED_HEARTBEATS, ge=1)
+    dropout_grace_s: float = Field(DROPOUT_GRACE, ge=0)
+    settle_s: float = Field(DEFAULT_SETTLE, ge=0)
+    max_pending_updates: int = Field(DEFAULT_MAX_PENDING, ge=1)
+    pending_ttl_s: float = Field(DEFAULT_TTL, gt=0)
+    dedupe_rounds: int = Field(DEFAULT_DEDUPE_ROUNDS, ge=1)
+    status_interval_s: float = Field(STATUS_INTERVAL, gt=0)
+    shutdown_grace_s: float = Field(SHUTDOWN_GRACE, ge=0)
+    exit_when_finished: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment first, then the TOML file (passed as init values)."""
+        return (env_settings, init_settings)
+
+    @property
+    def client_id(self) -> str:
+        """Our MQTT client id: configured, or ``fedmq-aggregator-<federation>``."""
+        return self.broker.client_id or f"fedmq-aggregator-{self.federation}"
+
+    def broker_settings(self) -> BrokerSettings:
+        """Settings of the MQTT session."""
+        password = self.broker.password.get_secret_value() if self.broker.password else None
+        return BrokerSettings(
+            url=self.broker.url,
+            client_id=self.client_id,
+            username=self.broker.username,
+            password=password,
+            ca_file=self.broker.ca_file,
+            cert_file=self.broker.cert_file,
+            key_file=self.broker.key_file,
+            protocol=self.broker.protocol,
+            persistent_session=True,  # queued updates survive an aggregator restart
+            keepalive=self.broker.keepalive,
+        )
+
+    def coordinator_config(self) -> CoordinatorConfig:
+        """The state machine's view of this configuration.
+
+        Raises:
+            ConfigError: the combination is inconsistent (e.g. target below quorum).
+        """
+        r = self.round
+        target = self.target_metric
+        return CoordinatorConfig(
+            federation=self.federation,
+            aggregator_id=self.client_id,
+            rounds=self.rounds,
+            mode=self.mode,
+            root=self.topic_root,
+            sync=SyncPolicy(
+                deadline_s=r.deadline_s,
+                target_updates=r.target_updates,
+                min_updates=r.min_updates,
+                extension_s=r.extension_s,
+                selection=r.selection_policy(),
+                min_agents=r.min_agents,
+                late_updates=r.late_updates,
+                max_staleness=r.max_staleness,
+            ),
+            buffer=AsyncPolicy(
+                buffer_size=self.fedbuff.buffer_size,
+                max_staleness=self.fedbuff.max_staleness,
+                deadline_s=self.fedbuff.deadline_s,
+                min_updates=self.fedbuff.min_updates,
+            ),
+            training=self.training,
+            codec=self.codec,
+            chunk_size=self.chunk_size,
+            target_metric=(
+                TargetMetric(target.name, target.value, target.mode) if target else None
+            ),
+            heartbeat_s=self.heartbeat_s,
+            missed_heartbeats=self.missed_heartbeats,
+            dropout_grace_s=self.dropout_grace_s,
+            agents=frozenset(self.agents) if self.agents is not None else None,
+            settle_s=self.settle_s,
+            max_pending_updates=self.max_pending_updates,
+            pending_ttl_s=self.pending_ttl_s,
+            dedupe_rounds=self.dedupe_rounds,
+        )
+
+
+def _resolve(base: Path, data: dict[str, Any], keys: tuple[str, ...]) -> None:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            data[key] = str((base / value).resolve())
+
+
+def _format(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in error['loc']) or '<root>'}: {error['msg']}"
+        for error in exc.errors(include_url=False)[:8]
+    )
+
+
+def _check_quorum_fits_strategy(settings: AggregatorSettings) -> None:
+    strategy = settings.strategy
+    if strategy.name != "krum":
+        return
+    smallest = (
+        settings.fedbuff.min_updates if settings.mode == "async" else settings.round.min_updates
+    )
+    needed = strategy.byzantine + 3
+    if smallest < needed:
+        section = "fedbuff" if settings.mode == "async" else "round"
+        raise ConfigError(
+            f"Krum with byzantine = {strategy.byzantine} needs at least {needed} updates per "
+            f"round: set [{section}] min_updates >= {needed}"
+        )
+
+
+def load_settings(path: Path | None, **overrides: Any) -> AggregatorSettings:
+    """Read ``federation.toml`` (if given), apply ``FEDMQ_*`` variables, validate.
+
+    Args:
+        path: the TOML file, or None to configure from the environment alone.
+        **overrides: values taking the place of the file's (tests).
+
+    Raises:
+        ConfigError: the file is missing or not TOML, or a value is invalid; the
+            message names the offending keys.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        base = path.resolve().parent
+        _resolve(base, data, ("bundle", "state_dir"))
+        if isinstance(data.get("broker"), dict):
+            _resolve(base, data["broker"], ("ca_file", "cert_file", "key_file"))
+    data.update(overrides)
+    where = f" in {path}" if path is not None else ""
+    try:
+        settings = AggregatorSettings(**data)
+        BrokerAddress.parse(settings.broker.url)
+        settings.coordinator_config()  # cross-field checks (quorum vs target, ...)
+        build_strategy(settings.strategy)  # e.g. DP noise without a clip norm
+        _check_quorum_fits_strategy(settings)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid configuration{where}: {_format(exc)}") from exc
+    except (ConfigError, LocalProtocolError) as exc:
+        raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+    return settings

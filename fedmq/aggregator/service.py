@@ -1,0 +1,558 @@
+"""``fedmq serve``: the thin asyncio shell around the pure coordinator.
+
+The service owns the IO the coordinator asks for and nothing else::
+
+    MQTT message --> coordinator (under one lock) --> actions
+        SaveState/SaveCheckpoint/SaveRecord/PruneUpdates  written before the lock is released
+        Publish/PublishBlob/ClearBlob                     queued, sent in order by one task
+        VerifyUpdate                                      decoded in a worker thread
+        PersistUpdate                                     batched, fsync'd, then reported back
+        ArmTimer/StatusChanged                            wake the timer / status tasks
+
+Durable actions run while the lock is held, so the disk never lags behind a later
+decision; network actions are queued, so a broker outage never blocks the state
+machine (the session reconnects and everything retained is published again).
+
+One shutdown path: SIGTERM/SIGINT (or the federation finishing) set one event; the
+service stops taking updates, finishes storing and acking those in flight (bounded by
+``shutdown_grace_s``), publishes its offline status and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiomqtt
+
+from fedmq.aggregator.config import AggregatorSettings
+from fedmq.aggregator.memory import trim_heap
+from fedmq.aggregator.store import StateStore
+from fedmq.bundle import Bundle
+from fedmq.errors import DecodeError, InvalidTopicError, StateError, TransportError
+from fedmq.protocol.actions import (
+    Action,
+    ArmTimer,
+    ClearBlob,
+    CloseRound,
+    Finish,
+    Notice,
+    PersistUpdate,
+    PruneUpdates,
+    Publish,
+    PublishBlob,
+    Rejected,
+    SaveCheckpoint,
+    SaveRecord,
+    SaveState,
+    StatusChanged,
+    Ticket,
+    VerifyUpdate,
+)
+from fedmq.protocol.coordinator import Coordinator
+from fedmq.protocol.policy import CoordinatorConfig
+from fedmq.protocol.validation import (
+    UpdateKey,
+    UpdateRejection,
+    UpdateSchema,
+    verify_assembled,
+    verify_update,
+)
+from fedmq.strategies.config import build_strategy
+from fedmq.strategies.strategy import Strategy
+from fedmq.transport.blobs import clear_blob, publish_blob
+from fedmq.transport.mqtt import LastWill, MqttSession
+from fedmq.wire.archive import pack_files
+from fedmq.wire.control import AgentStatus, AggregatorStatus, decode_control, encode_control
+from fedmq.wire.topics import StatusTopic, UpdateChunkTopic
+from fedmq.wire.update import decode_update_meta
+
+log = logging.getLogger(__name__)
+
+VERIFY_WORKERS = 2  # concurrent update decodes: numpy/zstd release the GIL, 2 cores typical
+MAX_COMMIT_BATCH = 64  # updates stored per fsync batch
+MIN_TIMER_DELAY = 0.01  # seconds: floor between timer callbacks, guards against a hot loop
+OFFLINE_PUBLISH_TIMEOUT = 5.0  # seconds: the last status on shutdown is best effort
+
+
+class _DurabilityError(Exception):
+    """Writing the state directory failed: the service must stop before acting further."""
+
+
+class AggregatorService:
+    """One federation's aggregator: coordinator + state directory + MQTT session.
+
+    Args:
+        settings: the validated configuration.
+        clock: unix-time source (tests may pass a shifted clock).
+    """
+
+    def __init__(
+        self, settings: AggregatorSettings, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.finished = False
+        self._stop = asyncio.Event()
+        self._started = asyncio.Event()
+        self._accepting = True
+        self._broken: BaseException | None = None
+        self._wakeup: float | None = None
+        self._timer_event = asyncio.Event()
+        self._status_event = asyncio.Event()
+        self._outbound: asyncio.Queue[Publish | PublishBlob | ClearBlob] = asyncio.Queue()
+        self._commits: asyncio.Queue[Ticket] = asyncio.Queue()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._verify_slots = asyncio.Semaphore(VERIFY_WORKERS)
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loose: set[asyncio.Task[Any]] = set()
+        self._group: asyncio.TaskGroup | None = None
+        self._store: StateStore | None = None
+        self._coordinator: Coordinator | None = None
+        self._session: MqttSession | None = None
+        self._replayed: list[Action] = []
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def coordinator(self) -> Coordinator:
+        """The state machine (available once :meth:`run` has prepared it)."""
+        if self._coordinator is None:
+            raise StateError("the service has not loaded its state yet")
+        return self._coordinator
+
+    @property
+    def store(self) -> StateStore:
+        """The state directory."""
+        if self._store is None:
+            raise StateError("the service has not opened its state directory yet")
+        return self._store
+
+    async def wait_started(self) -> None:
+        """Wait until the service is connected and has (re)started its round."""
+        await self._started.wait()
+
+    def request_stop(self) -> None:
+        """Begin the graceful shutdown (safe to call from a signal handler)."""
+        self._stop.set()
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        """Load the bundle and the state directory; rebuild the coordinator.
+
+        Raises:
+            BundleError: the bundle is missing or inconsistent.
+            ConfigError: the state directory belongs to another federation/bundle.
+            StateError: the state directory is unusable or corrupt.
+        """
+        settings = self.settings
+        bundle = Bundle.load(settings.bundle)
+        archive = pack_files(bundle.files())
+        schema = UpdateSchema.from_manifest(settings.federation, bundle.manifest)
+        config = settings.coordinator_config()
+        strategy = build_strategy(settings.strategy)
+        store = StateStore(settings.state_dir)
+        try:
+            self._coordinator, self._replayed = self._load(
+                store, config, strategy, schema, archive, bundle
+            )
+        except BaseException:
+            store.close()  # a failed start must not keep the directory locked
+            raise
+        self._store = store
+
+    def _load(
+        self,
+        store: StateStore,
+        config: CoordinatorConfig,
+        strategy: Strategy,
+        schema: UpdateSchema,
+        archive: bytes,
+        bundle: Bundle,
+    ) -> tuple[Coordinator, list[Action]]:
+        settings = self.settings
+        now = self.clock()
+        snapshot = store.load_snapshot()
+        if snapshot is None:
+            log.info("new state directory %s", settings.state_dir)
+            fresh = Coordinator(
+                config, strategy, schema, archive, bundle.initial_parameters(), now=now
+            )
+            return fresh, []
+        checkpoint = snapshot.get("checkpoint")
+        if not isinstance(checkpoint, int):
+            raise StateError(f"{settings.state_dir}/state.json names no checkpoint")
+        params, optimizer = store.load_checkpoint(checkpoint)
+        coordinator = Coordinator.restore(
+            config, strategy, schema, archive, snapshot, params, optimizer, now=now
+        )
+        finished = coordinator.phase == "finished"
+        # Rounds before the open one live in checkpoints; a crash may have left their files.
+        store.prune_updates(coordinator.round + 1 if finished else coordinator.round)
+        replayed: list[Action] = []
+        stored = [] if finished else store.stored_updates(coordinator.round)
+        for item in stored:
+            data = item.path.read_bytes()
+            try:
+                meta, _ = decode_update_meta(data, schema.limits)
+            except DecodeError as exc:
+                raise StateError(f"stored update {item.path} is corrupt: {exc}") from exc
+            result = verify_update(UpdateKey(meta.client, meta.round, meta.update_id), data, schema)
+            if isinstance(result, UpdateRejection):
+                raise StateError(f"stored update {item.path} no longer verifies: {result.detail}")
+            replayed.extend(coordinator.replay(result, item.seq, now))
+        log.info(
+            "resumed round %d (%s) with %d stored updates",
+            coordinator.round,
+            coordinator.phase,
+            len(stored),
+        )
+        return coordinator, replayed
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self) -> None:
+        """Serve until stopped or finished.
+
+        Raises:
+            StateError: the state directory could not be written (exit and restart:
+                everything acknowledged is on disk).
+        """
+        if self._coordinator is None:
+            self.prepare()
+        coordinator = self.coordinator
+        topics = coordinator.topics
+        offline = AggregatorStatus(
+            aggregator=self.settings.client_id, state="offline", ts=self.clock()
+        )
+        session = MqttSession(
+            self.settings.broker_settings(),
+            subscriptions=[(topics.status_filter(), 1), (topics.update_filter(), 1)],
+            will=LastWill(topics.aggregator_status(), encode_control(offline)),
+            on_connect=self._on_connect,
+        )
+        self._session = session
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self._spawn(group, session.run(self._on_message), "receive")
+                self._spawn(group, self._send_loop(), "send")
+                self._spawn(group, self._commit_loop(), "commit")
+                self._spawn(group, self._timer_loop(), "timer")
+                self._spawn(group, self._status_loop(), "status")
+                self._spawn(group, self._startup(), "startup")
+                await self._stop.wait()
+                await self._shutdown()
+                for task in [*self._tasks, *self._loose]:
+                    task.cancel()
+        finally:
+            self.store.close()
+        if self._broken is not None:
+            raise StateError(f"stopped after a state directory failure: {self._broken}")
+
+    def _spawn(self, group: asyncio.TaskGroup, coro: Any, name: str) -> None:
+        task = group.create_task(coro, name=f"fedmq[{self.settings.client_id}].{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _background(self, coro: Any, name: str) -> None:
+        # In the task group: a bug in a worker fails the service loudly, never silently.
+        if self._group is None:
+            raise StateError("the service is not running")
+        task = self._group.create_task(coro, name=f"fedmq[{self.settings.client_id}].{name}")
+        self._loose.add(task)
+        task.add_done_callback(self._loose.discard)
+
+    async def _startup(self) -> None:
+        session = self._session
+        assert session is not None
+        while True:
+            try:
+                await session.wait_connected(timeout=30)
+                break
+            except TransportError as exc:
+                log.warning("%s; still trying", exc)
+        async with self._lock:
+            actions = [*self._replayed, *self.coordinator.start(self.clock())]
+            self._replayed = []
+            await self._apply(actions)
+        self._started.set()
+
+    async def _shutdown(self) -> None:
+        grace = self.settings.shutdown_grace_s
+        self._accepting = False
+        log.info("stopping: no new updates; finishing %d in flight", self._inflight)
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "%d updates still in flight after %g s; they are not acked and will be re-sent",
+                self._inflight,
+                grace,
+            )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._outbound.join(), grace)
+        session = self._session
+        if session is not None and session.is_connected and self._coordinator is not None:
+            for action in self.coordinator.shutdown(self.clock()):
+                if isinstance(action, Publish):
+                    with contextlib.suppress(TransportError):
+                        await session.publish(
+                            action.topic,
+                            action.payload,
+                            retain=action.retain,
+                            timeout=OFFLINE_PUBLISH_TIMEOUT,
+                        )
+
+    # ------------------------------------------------------------------ inputs
+
+    async def _on_connect(self, session: MqttSession) -> None:
+        if session.connections > 1 and self._started.is_set():
+            # The broker may have lost retained blobs and announcements (no persistence).
+            self._background(self._republish(), "republish")
+
+    async def _republish(self) -> None:
+        async with self._lock:
+            await self._apply(self.coordinator.republish(self.clock()))
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        if not self._started.is_set():
+            await self._started.wait()
+        coordinator = self.coordinator
+        topic = message.topic.value
+        raw = message.payload
+        payload = raw if isinstance(raw, bytes | bytearray) else b""
+        try:
+            parsed = coordinator.topics.parse(topic)
+        except InvalidTopicError as exc:
+            log.debug("ignoring message: %s", exc)
+            return
+        if isinstance(parsed, UpdateChunkTopic):
+            if not self._accepting:
+                return
+            async with self._lock:
+                await self._apply(coordinator.receive_chunk(parsed, payload, self.clock()))
+        elif isinstance(parsed, StatusTopic):
+            status: AgentStatus | None = None
+            if payload:
+                try:
+                    status = decode_control(payload, AgentStatus)
+                except DecodeError as exc:
+                    log.warning("ignoring status of %s: %s", parsed.client, exc)
+                    return
+            async with self._lock:
+                await self._apply(coordinator.on_status(parsed.client, status, self.clock()))
+
+    # ------------------------------------------------------------------ actions
+
+    async def _apply(self, actions: Sequence[Action]) -> None:
+        """Execute actions in order; call with the lock held."""
+        store = self.store
+        for action in actions:
+            if self._broken is not None:
+                return  # the disk is behind the coordinator: act on nothing more
+            try:
+                match action:
+                    case SaveState():
+                        await asyncio.to_thread(store.save_snapshot, action.snapshot)
+                    case SaveCheckpoint():
+                        await asyncio.to_thread(
+                            store.save_checkpoint, action.round, action.params, action.optimizer
+                        )
+                    case SaveRecord():
+                        await asyncio.to_thread(store.save_record, action.record)
+                    case PruneUpdates():
+                        await asyncio.to_thread(store.prune_updates, action.before)
+                    case _:
+                        self._dispatch(action)
+            except (OSError, StateError) as exc:
+                log.critical("cannot write the state directory: %s; stopping", exc)
+                self._broken = exc
+                self._accepting = False
+                self._stop.set()
+                return
+
+    def _dispatch(self, action: Action) -> None:
+        match action:
+            case Publish() | PublishBlob() | ClearBlob():
+                self._outbound.put_nowait(action)
+            case VerifyUpdate():
+                self._begin_work()
+                self._background(self._verify(action), "verify")
+            case PersistUpdate():
+                self._begin_work()
+                self._commits.put_nowait(action.ticket)
+            case ArmTimer():
+                self._wakeup = action.at
+                self._timer_event.set()
+            case StatusChanged():
+                self._status_event.set()
+            case Rejected():
+                self.counters[f"rejected.{action.reason}"] += 1
+                log.warning(
+                    "rejected %s from %s (round %d): %s",
+                    f"update {action.update_id}" if action.update_id else "a chunk",
+                    action.client,
+                    action.round,
+                    action.detail,
+                )
+            case Notice():
+                log.log(
+                    logging.WARNING if action.level == "warning" else logging.INFO,
+                    "%s",
+                    action.message,
+                )
+            case CloseRound():
+                self.counters[f"rounds.{action.outcome}"] += 1
+                log.info("round %d %s (%s)", action.round, action.outcome, action.reason)
+            case Finish():
+                self.finished = True
+                log.info("federation finished: %s", action.reason)
+                if self.settings.exit_when_finished:
+                    self._background(self._stop_when_sent(), "finish")
+
+    def _begin_work(self) -> None:
+        self._inflight += 1
+        self._idle.clear()
+
+    def _end_work(self, count: int = 1) -> None:
+        self._inflight -= count
+        if self._inflight == 0:
+            self._idle.set()
+
+    async def _stop_when_sent(self) -> None:
+        await self._outbound.join()
+        self.request_stop()
+
+    async def _verify(self, action: VerifyUpdate) -> None:
+        try:
+            async with self._verify_slots:
+                schema = self.coordinator.schema
+                result = await asyncio.to_thread(
+                    verify_assembled, action.key, action.assembler, schema
+                )
+            async with self._lock:
+                await self._apply(self.coordinator.verified(result, self.clock()))
+        finally:
+            self._end_work()
+
+    # ------------------------------------------------------------------ loops
+
+    async def _commit_loop(self) -> None:
+        store = self.store
+        while True:
+            batch = [await self._commits.get()]
+            while len(batch) < MAX_COMMIT_BATCH and not self._commits.empty():
+                batch.append(self._commits.get_nowait())
+            error: str | None = None
+            try:
+                await asyncio.to_thread(store.persist_updates, batch)
+            except OSError as exc:
+                error = str(exc)
+            async with self._lock:
+                for ticket in batch:
+                    now = self.clock()
+                    if error is None:
+                        self.counters["accepted"] += 1
+                        await self._apply(self.coordinator.persisted(ticket, now))
+                    else:
+                        await self._apply(self.coordinator.persist_failed(ticket, error, now))
+            for _ in batch:
+                self._commits.task_done()
+            self._end_work(len(batch))
+            if self._inflight == 0:
+                # A burst has drained: hand its model-sized buffers back to the OS so RSS
+                # follows the live state, not the burst (not during it: re-faulting the
+                # pages of every buffer would cost the intake CPU).
+                await asyncio.to_thread(trim_heap)
+
+    async def _send_loop(self) -> None:
+        session = self._session
+        assert session is not None
+        topics = self.coordinator.topics
+        while True:
+            action = await self._outbound.get()
+            try:
+                match action:
+                    case Publish():
+                        await session.publish(
+                            action.topic, action.payload, qos=action.qos, retain=action.retain
+                        )
+                    case PublishBlob():
+                        await publish_blob(
+                            session,
+                            topics,
+                            action.data,
+                            action.ref,
+                            sender=self.settings.client_id,
+                            round_id=action.round,
+                        )
+                    case ClearBlob():
+                        await clear_blob(session, topics, action.ref)
+            except TransportError as exc:
+                # Retained state is published again after the reconnect; an agent whose
+                # ack was lost re-sends and is acked as a duplicate.
+                log.warning("publish failed: %s", exc)
+            finally:
+                self._outbound.task_done()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._timer_event.clear()
+            at = self._wakeup
+            delay = None if at is None else max(MIN_TIMER_DELAY, at - self.clock())
+            try:
+                await asyncio.wait_for(self._timer_event.wait(), delay)
+                continue  # re-armed: recompute
+            except TimeoutError:
+                pass
+            if not self._started.is_set():
+                continue
+            async with self._lock:
+                await self._apply(self.coordinator.on_timer(self.clock()))
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self._status_event.wait()
+            self._status_event.clear()
+            if self._coordinator is not None:
+                status = self.coordinator.status(self.clock())
+                self._outbound.put_nowait(
+                    Publish(
+                        self.coordinator.topics.aggregator_status(),
+                        encode_control(status),
+                        retain=True,
+                    )
+                )
+            await asyncio.sleep(self.settings.status_interval_s)
+
+
+async def serve(settings: AggregatorSettings) -> AggregatorService:
+    """Run the aggregator until SIGTERM/SIGINT or the last round; return the service.
+
+    Raises:
+        BundleError, ConfigError: configuration problems (before anything is served).
+        StateError: the state directory is unusable.
+    """
+    service = AggregatorService(settings)
+    service.prepare()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.request_stop)
+    try:
+        await service.run()
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    return service

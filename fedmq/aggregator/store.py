@@ -1,0 +1,288 @@
+"""The aggregator's state directory: every durable byte, written atomically and fsync'd.
+
+::
+
+    <state_dir>/
+      LOCK                                   flock'd while a service owns the directory
+      state.json                             coordinator snapshot (the commit point)
+      checkpoints/<round>.params             global model after <round> (0: initial)
+      checkpoints/<round>.optimizer          server optimizer state with it
+      rounds/<round>/updates/<seq>@<client>@<update id>.update
+                                             accepted update envelopes, as received
+      rounds/<round>/record.json             how the round went (metrics, contributors)
+
+Every file is written to a temporary name in its final directory, fsync'd, renamed over
+its final name and the directory fsync'd: after a crash a file is either complete or
+absent.  Updates are written in batches (one directory fsync per batch) because their
+fsyncs dominate ingest time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedmq.errors import StateError
+from fedmq.protocol.actions import Ticket
+from fedmq.protocol.records import RoundRecord
+from fedmq.wire.framing import Buffer
+
+STATE_FILE = "state.json"
+LOCK_FILE = "LOCK"
+_TMP_SUFFIX = ".tmp"
+_ROUND_DIGITS = 6
+_UPDATE_NAME = re.compile(
+    r"(?P<seq>\d+)@(?P<client>[A-Za-z0-9._-]+)@(?P<uid>[A-Za-z0-9._-]+)\.update"
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}{_TMP_SUFFIX}")
+
+
+def _write_temp(path: Path, data: Buffer, *, sync: bool = True) -> Path:
+    temp = _temp_name(path)
+    with open(temp, "wb") as stream:
+        stream.write(data)
+        stream.flush()
+        if sync:
+            os.fsync(stream.fileno())
+    return temp
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(_write_temp(path, data), path)
+    _fsync_dir(path.parent)
+
+
+@dataclass(frozen=True)
+class StoredUpdate:
+    """An update file of the open round."""
+
+    seq: int
+    client: str
+    update_id: str
+    path: Path
+
+
+class StateStore:
+    """Owns one state directory (exclusively: a second service on it fails to open).
+
+    Args:
+        root: the state directory (created if missing).
+
+    Raises:
+        StateError: the directory cannot be created, or another process holds it.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StateError(f"cannot use state directory {root}: {exc}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise StateError(
+                f"state directory {root} is in use by another aggregator (stop it first)"
+            ) from None
+        self._remove_temporaries()
+
+    def close(self) -> None:
+        """Release the directory."""
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = -1
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _remove_temporaries(self) -> None:
+        for temp in self.root.rglob(f".*{_TMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+    # ------------------------------------------------------------------ paths
+
+    @staticmethod
+    def _round_name(round_id: int) -> str:
+        return f"{round_id:0{_ROUND_DIGITS}d}"
+
+    def round_dir(self, round_id: int) -> Path:
+        """Directory of one round's files."""
+        return self.root / "rounds" / self._round_name(round_id)
+
+    def updates_dir(self, round_id: int) -> Path:
+        """Directory of the updates accepted into ``round_id``."""
+        return self.round_dir(round_id) / "updates"
+
+    def checkpoint_path(self, round_id: int, kind: str = "params") -> Path:
+        """Path of a checkpoint file (``params`` or ``optimizer``)."""
+        return self.root / "checkpoints" / f"{self._round_name(round_id)}.{kind}"
+
+    # ------------------------------------------------------------------ snapshot
+
+    def load_snapshot(self) -> dict[str, Any] | None:
+        """The last saved snapshot, or None for a new state directory.
+
+        Raises:
+            StateError: the file exists but is not a JSON object.
+        """
+        path = self.root / STATE_FILE
+        try:
+            text = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {exc}") from exc
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StateError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise StateError(f"{path} does not hold a JSON object")
+        return data
+
+    def save_snapshot(self, snapshot: dict[str, Any]) -> None:
+        """Atomically replace the snapshot."""
+        atomic_write(self.root / STATE_FILE, json.dumps(snapshot, sort_keys=True).encode())
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, round_id: int, params: bytes, optimizer: bytes) -> None:
+        """Store the global model after ``round_id`` and the optimizer state with it."""
+        atomic_write(self.checkpoint_path(round_id, "optimizer"), optimizer)
+        atomic_write(self.checkpoint_path(round_id, "params"), params)
+
+    def load_checkpoint(self, round_id: int) -> tuple[bytes, bytes]:
+        """``(params, optimizer)`` blobs of a checkpoint.
+
+        Raises:
+            StateError: the checkpoint is missing or unreadable.
+        """
+        try:
+            return (
+                self.checkpoint_path(round_id, "params").read_bytes(),
+                self.checkpoint_path(round_id, "optimizer").read_bytes(),
+            )
+        except OSError as exc:
+            raise StateError(f"checkpoint of round {round_id} is unreadable: {exc}") from exc
+
+    def checkpoints(self) -> list[int]:
+        """Rounds with a stored global model, ascending."""
+        directory = self.root / "checkpoints"
+        if not directory.is_dir():
+            return []
+        return sorted(int(path.stem) for path in directory.glob("*.params") if path.stem.isdigit())
+
+    # ------------------------------------------------------------------ updates
+
+    @staticmethod
+    def update_file_name(ticket: Ticket) -> str:
+        """``<seq>@<client>@<update id>.update`` ('@' cannot occur in ids)."""
+        return f"{ticket.seq:010d}@{ticket.key.client}@{ticket.key.update_id}.update"
+
+    def persist_updates(self, tickets: Sequence[Ticket]) -> None:
+        """Durably store accepted updates (one batch: write + fsync each, rename, fsync dirs).
+
+        Raises:
+            OSError: the disk refused; none of the batch may be considered stored.
+        """
+        temps: list[tuple[Path, Path]] = []
+        for ticket in tickets:
+            directory = self.updates_dir(ticket.fold_round)
+            directory.mkdir(parents=True, exist_ok=True)
+            final = directory / self.update_file_name(ticket)
+            temps.append((_write_temp(final, ticket.update.data, sync=False), final))
+        # Write everything, then fsync everything: the first fsync's journal commit flushes
+        # most of the batch, so the others return quickly (a group commit).
+        for temp, _ in temps:
+            _fsync_file(temp)
+        for temp, final in temps:
+            os.replace(temp, final)
+        for directory in {final.parent for _, final in temps}:
+            _fsync_dir(directory)
+
+    def stored_updates(self, round_id: int) -> list[StoredUpdate]:
+        """Updates stored for ``round_id``, in acceptance order."""
+        directory = self.updates_dir(round_id)
+        if not directory.is_dir():
+            return []
+        found = []
+        for path in directory.iterdir():
+            match = _UPDATE_NAME.fullmatch(path.name)
+            if match is None:
+                continue
+            found.append(StoredUpdate(int(match["seq"]), match["client"], match["uid"], path))
+        return sorted(found, key=lambda item: item.seq)
+
+    def prune_updates(self, before: int) -> None:
+        """Delete the stored updates of every round before ``before`` (records stay)."""
+        rounds = self.root / "rounds"
+        if not rounds.is_dir():
+            return
+        for directory in rounds.iterdir():
+            if directory.name.isdigit() and int(directory.name) < before:
+                shutil.rmtree(directory / "updates", ignore_errors=True)
+
+    # ------------------------------------------------------------------ records
+
+    def save_record(self, record: RoundRecord) -> None:
+        """Store the record of a finished round."""
+        data = json.dumps(record.to_json(), indent=1, sort_keys=True).encode()
+        atomic_write(self.round_dir(record.round) / "record.json", data)
+
+    def records(self) -> Iterator[RoundRecord]:
+        """Every stored round record, in round order."""
+        yield from read_records(self.root)
+
+
+def read_records(state_dir: Path) -> Iterator[RoundRecord]:
+    """Round records of a state directory, in round order (no lock: read-only).
+
+    Raises:
+        StateError: a record file is not a valid round record.
+    """
+    rounds = state_dir / "rounds"
+    if not rounds.is_dir():
+        return
+    for directory in sorted(d for d in rounds.iterdir() if d.name.isdigit()):
+        path = directory / "record.json"
+        if not path.is_file():
+            continue
+        try:
+            yield RoundRecord.from_json(json.loads(path.read_bytes()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{path} is not a valid round record: {exc}") from exc

@@ -1,0 +1,71 @@
+"""``fedmq serve`` (run a federation's aggregator) and ``fedmq export`` (a round's model).
+
+Exit codes (:mod:`fedmq.aggregator.exit_codes`): 0 stopped or finished, 78 configuration
+error, 74 state directory unusable, 70 unexpected failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedmq.aggregator import exit_codes
+from fedmq.aggregator.config import load_settings
+from fedmq.aggregator.export import export_onnx
+from fedmq.aggregator.service import serve
+from fedmq.errors import BundleError, ConfigError, StateError
+
+log = logging.getLogger("fedmq.serve")
+
+ConfigOption = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="federation.toml (FEDMQ_* variables override it)"),
+]
+
+
+def _fail(code: int, message: str) -> typer.Exit:
+    typer.echo(f"fedmq: {message}", err=True)
+    return typer.Exit(code)
+
+
+def serve_command(config: ConfigOption = Path("federation.toml")) -> None:
+    """Run the aggregator of one federation until SIGTERM/SIGINT or its last round."""
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        raise _fail(exit_codes.CONFIG_ERROR, str(exc)) from None
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(settings))
+    except (ConfigError, BundleError) as exc:
+        raise _fail(exit_codes.CONFIG_ERROR, str(exc)) from None
+    except StateError as exc:
+        raise _fail(exit_codes.STATE_FAILURE, str(exc)) from None
+    except Exception:
+        log.exception("the aggregator failed")
+        raise typer.Exit(exit_codes.RUNTIME_FAILURE) from None
+
+
+def export_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write")],
+    config: ConfigOption = Path("federation.toml"),
+    round_id: Annotated[
+        int | None, typer.Option("--round", "-r", help="round to export (default: latest)")
+    ] = None,
+) -> None:
+    """Write the global model after a round as a standalone ONNX inference model."""
+    try:
+        settings = load_settings(config)
+        exported = export_onnx(settings.state_dir, settings.bundle, out, round_id)
+    except (ConfigError, BundleError) as exc:
+        raise _fail(exit_codes.CONFIG_ERROR, str(exc)) from None
+    except StateError as exc:
+        raise _fail(exit_codes.STATE_FAILURE, str(exc)) from None
+    typer.echo(f"wrote the model after round {exported} to {out}")

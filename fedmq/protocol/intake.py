@@ -1,0 +1,264 @@
+"""Reassembling updates from their chunks, with early verdicts before any allocation.
+
+Chunks of one update share ``(client, update id)``.  On the first chunk of an update
+the coordinator's ``admit`` gate decides whether it can possibly count (known agent,
+round, not a duplicate, size); only then is a buffer of the declared size allocated.
+An update refused early is not buffered: its chunks are only ticked off, and the
+verdict is answered once the whole (re-)send has been seen, so an agent re-sending
+500 chunks gets one ack, not 500.
+
+Bounded: at most ``max_pending`` updates in reassembly (``max_pending_per_client`` per
+agent), and partial updates idle for ``ttl_s`` are dropped (the agent re-sends, since
+it was never acked).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from fedmq.errors import DecodeError, IntegrityError, LimitExceededError
+from fedmq.protocol.validation import UpdateKey
+from fedmq.wire.blobs import BlobAssembler, BlobRef
+from fedmq.wire.chunks import ChunkHeader, decode_chunk
+from fedmq.wire.control import AckReason
+from fedmq.wire.framing import Buffer
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from fedmq.wire.topics import UpdateChunkTopic
+
+DEFAULT_MAX_PENDING = 64  # updates in reassembly at once: a burst of 50 agents fits
+DEFAULT_MAX_PENDING_PER_CLIENT = 2  # an agent re-sending under a new id replaces, not adds
+DEFAULT_TTL = 120.0  # seconds without a chunk before a partial update is dropped
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An early answer to an update: the ack to send once all its chunks were seen."""
+
+    accepted: bool
+    reason: AckReason
+    detail: str = ""
+
+
+Gate = Callable[[ChunkHeader], Verdict | None]
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """A chunk that cannot be attributed to an update (no ack possible): log and count."""
+
+    client: str
+    round: int
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class Answered:
+    """Every chunk of an early-judged update was seen: send ``verdict`` as its ack."""
+
+    key: UpdateKey
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Assembled:
+    """Every chunk of an update arrived.
+
+    Its sha256 is checked with the rest of the update, off the event loop
+    (:func:`~fedmq.protocol.validation.verify_assembled`).
+    """
+
+    key: UpdateKey
+    assembler: BlobAssembler = field(repr=False)
+
+
+IntakeEvent = ChunkProblem | Answered | Assembled
+
+
+@dataclass
+class _Pending:
+    key: UpdateKey
+    ref: BlobRef
+    last_seen: float
+    assembler: BlobAssembler | None = None
+    verdict: Verdict | None = None
+    seen: bytearray = field(default_factory=bytearray)
+    unseen: int = 0
+
+
+class UpdateIntake:
+    """Turns update chunk messages into complete updates or early answers.
+
+    Args:
+        federation: our federation id (chunks for another are answered as such).
+        limits: decode limits for single chunk messages.
+        max_update_bytes: largest update accepted; larger ones are refused unbuffered.
+        max_pending: updates in reassembly at once.
+        max_pending_per_client: updates of one agent in reassembly at once.
+        ttl_s: idle seconds before a partial update is dropped.
+    """
+
+    def __init__(
+        self,
+        federation: str,
+        *,
+        max_update_bytes: int,
+        limits: DecodeLimits = DEFAULT_LIMITS,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        max_pending_per_client: int = DEFAULT_MAX_PENDING_PER_CLIENT,
+        ttl_s: float = DEFAULT_TTL,
+    ) -> None:
+        self.federation = federation
+        self.limits = limits
+        self.max_update_bytes = max_update_bytes
+        self.max_pending = max_pending
+        self.max_pending_per_client = max_pending_per_client
+        self.ttl_s = ttl_s
+        self._pending: dict[tuple[str, str], _Pending] = {}
+        # Reassembly is bounded by the update size limit, not the generic blob limit.
+        self._assembly_limits = replace(
+            limits, max_blob_bytes=max(limits.max_blob_bytes, max_update_bytes)
+        )
+        self.dropped_busy = 0
+        self.expired = 0
+
+    @property
+    def pending(self) -> int:
+        """Updates currently in reassembly or being ticked off."""
+        return len(self._pending)
+
+    def buffered_bytes(self) -> int:
+        """Bytes allocated for updates in reassembly."""
+        return sum(p.ref.size for p in self._pending.values() if p.assembler is not None)
+
+    def receive(
+        self, topic: UpdateChunkTopic, payload: Buffer, now: float, admit: Gate
+    ) -> IntakeEvent | None:
+        """Handle one message received on ``update/<client>/<round>/<i>``."""
+        try:
+            chunk = decode_chunk(payload, self.limits)
+        except LimitExceededError as exc:
+            return ChunkProblem(topic.client, topic.round, "too_large", str(exc))
+        except IntegrityError as exc:
+            return ChunkProblem(topic.client, topic.round, "integrity", str(exc))
+        except DecodeError as exc:
+            return ChunkProblem(topic.client, topic.round, "malformed", str(exc))
+        header = chunk.header
+        problem = self._check_header(topic, header)
+        if problem is not None:
+            return problem
+        assert header.update_id is not None  # decode_chunk guarantees it for update chunks
+        key = UpdateKey(topic.client, topic.round, header.update_id)
+        slot = (topic.client, header.update_id)
+        entry = self._pending.get(slot)
+        if entry is not None and (entry.ref != header.blob or entry.key != key):
+            # Same update id with other bytes or round: the newest send wins.
+            del self._pending[slot]
+            entry = None
+        if entry is None:
+            started = self._start(key, header, now, admit)
+            if isinstance(started, ChunkProblem):
+                return started
+            entry = started
+        entry.last_seen = now
+        return self._add(slot, entry, header.index, chunk.payload)
+
+    def _check_header(self, topic: UpdateChunkTopic, header: ChunkHeader) -> ChunkProblem | None:
+        if header.kind != "update":
+            return ChunkProblem(
+                topic.client, topic.round, "malformed", "a blob chunk on an update topic"
+            )
+        if header.sender != topic.client:
+            return ChunkProblem(
+                topic.client,
+                topic.round,
+                "malformed",
+                f"chunk signed by {header.sender!r} on {topic.client!r}'s update topic",
+            )
+        if header.round != topic.round or header.index != topic.index:
+            return ChunkProblem(
+                topic.client,
+                topic.round,
+                "malformed",
+                f"chunk says round {header.round} index {header.index}, its topic "
+                f"round {topic.round} index {topic.index}",
+            )
+        return None
+
+    def _start(
+        self, key: UpdateKey, header: ChunkHeader, now: float, admit: Gate
+    ) -> _Pending | ChunkProblem:
+        if len(self._pending) >= self.max_pending or (
+            sum(1 for client, _ in self._pending if client == key.client)
+            >= self.max_pending_per_client
+        ):
+            self.dropped_busy += 1
+            return ChunkProblem(
+                key.client,
+                key.round,
+                "busy",
+                f"{len(self._pending)} updates already in reassembly; chunk dropped, "
+                "the agent re-sends",
+            )
+        verdict: Verdict | None
+        if header.federation != self.federation:
+            verdict = Verdict(False, "wrong_federation", f"chunk is for {header.federation!r}")
+        elif header.blob.size > self.max_update_bytes:
+            verdict = Verdict(
+                False,
+                "too_large",
+                f"update declares {header.blob.size} bytes, limit {self.max_update_bytes}",
+            )
+        else:
+            verdict = admit(header)
+        entry = _Pending(key, header.blob, now)
+        if verdict is None:
+            entry.assembler = BlobAssembler(header.blob, self._assembly_limits)
+        else:
+            entry.verdict = verdict
+            entry.seen = bytearray(header.blob.count)
+            entry.unseen = header.blob.count
+        self._pending[(key.client, key.update_id)] = entry
+        return entry
+
+    def _add(
+        self, slot: tuple[str, str], entry: _Pending, index: int, payload: memoryview
+    ) -> IntakeEvent | None:
+        if entry.assembler is None:
+            if not entry.seen[index]:
+                entry.seen[index] = 1
+                entry.unseen -= 1
+            if entry.unseen:
+                return None
+            del self._pending[slot]
+            assert entry.verdict is not None
+            return Answered(entry.key, entry.verdict)
+        entry.assembler.add(index, payload)
+        if not entry.assembler.complete:
+            return None
+        del self._pending[slot]
+        return Assembled(entry.key, entry.assembler)
+
+    def expire(self, now: float) -> list[ChunkProblem]:
+        """Drop partial updates idle for more than ``ttl_s``."""
+        stale = [slot for slot, p in self._pending.items() if now - p.last_seen > self.ttl_s]
+        problems = []
+        for slot in stale:
+            entry = self._pending.pop(slot)
+            self.expired += 1
+            have = entry.assembler.received if entry.assembler else entry.ref.count - entry.unseen
+            problems.append(
+                ChunkProblem(
+                    entry.key.client,
+                    entry.key.round,
+                    "incomplete",
+                    f"update {entry.key.update_id} dropped after {self.ttl_s:g} s idle with "
+                    f"{have}/{entry.ref.count} chunks",
+                )
+            )
+        return problems
+
+    def next_expiry(self) -> float | None:
+        """When the next partial update would expire."""
+        return min((p.last_seen + self.ttl_s for p in self._pending.values()), default=None)

@@ -1,0 +1,104 @@
+"""Which blobs are retained on the broker, which the announcement needs, and their bytes.
+
+A blob is recorded here (and so in the snapshot) *before* it is published, and forgotten
+only when its chunks are cleared, so a crash between the two never orphans retained
+chunks: the next start clears whatever the ledger lists but no longer references.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from typing import Any
+
+from fedmq.errors import StateError
+from fedmq.protocol.actions import ClearBlob, PublishBlob
+from fedmq.wire.blobs import BlobRef, blob_ref
+
+
+def ref_json(ref: BlobRef) -> dict[str, Any]:
+    """A blob reference as a JSON object."""
+    return asdict(ref)
+
+
+def ref_from(data: Mapping[str, Any]) -> BlobRef:
+    """Parse :func:`ref_json` output."""
+    return BlobRef(str(data["sha256"]), int(data["size"]), int(data["chunk_size"]))
+
+
+class BlobLedger:
+    """The bundle archive, the current parameter blob, and every blob still retained.
+
+    Args:
+        bundle: the bundle archive (published once, never cleared).
+        params: the current global parameters as a tensor-set blob.
+        chunk_size: bytes per chunk of both.
+    """
+
+    def __init__(self, bundle: bytes, params: bytes, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+        self._bundle = bundle
+        self.bundle_ref = blob_ref(bundle, chunk_size)
+        self._params = params
+        self.params_ref = blob_ref(params, chunk_size)
+        self._retained: dict[str, BlobRef] = {self.bundle_ref.sha256: self.bundle_ref}
+        self._published: set[str] = set()
+
+    @property
+    def params_blob(self) -> bytes:
+        """The current parameter blob."""
+        return self._params
+
+    def set_params(self, params: bytes) -> BlobRef:
+        """Make ``params`` the current parameter blob (not published yet)."""
+        self._params = params
+        self.params_ref = blob_ref(params, self.chunk_size)
+        return self.params_ref
+
+    def referenced(self) -> list[BlobRef]:
+        """Blobs the current announcement names."""
+        return [self.bundle_ref, self.params_ref]
+
+    def data(self, ref: BlobRef) -> bytes:
+        """Bytes of a referenced blob.
+
+        Raises:
+            StateError: ``ref`` is not a blob this ledger holds.
+        """
+        if ref.sha256 == self.bundle_ref.sha256:
+            return self._bundle
+        if ref.sha256 == self.params_ref.sha256:
+            return self._params
+        raise StateError(f"blob {ref.sha256[:12]} is not held")
+
+    def record_referenced(self) -> None:
+        """Note that the referenced blobs are (about to be) retained on the broker."""
+        for ref in self.referenced():
+            self._retained.setdefault(ref.sha256, ref)
+
+    def publish(self, round_id: int, *, again: bool = False) -> list[PublishBlob]:
+        """Publish the referenced blobs not yet published (every one when ``again``)."""
+        actions = []
+        for ref in self.referenced():
+            if again or ref.sha256 not in self._published:
+                self._published.add(ref.sha256)
+                actions.append(PublishBlob(ref, self.data(ref), round_id))
+        return actions
+
+    def clear_stale(self) -> list[ClearBlob]:
+        """Clear every retained blob the announcement no longer references."""
+        referenced = {ref.sha256 for ref in self.referenced()}
+        stale = [ref for sha, ref in self._retained.items() if sha not in referenced]
+        for ref in stale:
+            del self._retained[ref.sha256]
+            self._published.discard(ref.sha256)
+        return [ClearBlob(ref) for ref in stale]
+
+    def retained(self) -> list[dict[str, Any]]:
+        """The retained blobs, for the snapshot."""
+        return [ref_json(ref) for ref in self._retained.values()]
+
+    def load_retained(self, refs: Iterable[Mapping[str, Any]]) -> None:
+        """Restore :meth:`retained`."""
+        self._retained = {ref.sha256: ref for ref in map(ref_from, refs)}
+        self._retained.setdefault(self.bundle_ref.sha256, self.bundle_ref)

@@ -1,0 +1,182 @@
+"""The coordinator's configuration: round policy, async buffer, stopping rule.
+
+Plain frozen dataclasses (the service maps ``federation.toml`` onto them), so the
+state machine can be built in a unit test with two lines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fedmq.errors import ConfigError
+from fedmq.protocol.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
+from fedmq.protocol.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
+from fedmq.protocol.selection import SelectAll, Selection
+from fedmq.runtime.config import TrainingConfig
+from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
+from fedmq.wire.ids import validate_id
+from fedmq.wire.topics import DEFAULT_ROOT
+
+DEFAULT_DEADLINE = 300.0  # seconds: a few local epochs on an edge CPU plus upload
+DEFAULT_SETTLE = 2.0  # seconds after (re)start for retained agent statuses to arrive
+DEFAULT_DEDUPE_ROUNDS = 8  # closed rounds whose update ids are remembered for duplicates
+
+LateUpdates = Literal["drop", "fold"]
+
+
+@dataclass(frozen=True)
+class SyncPolicy:
+    """When a synchronous round closes.
+
+    Args:
+        deadline_s: seconds from announcement to deadline.
+        target_updates: close as soon as this many on-time updates are accepted
+            (None: one per selected agent).
+        min_updates: quorum: at the deadline close if at least this many arrived.
+        extension_s: below quorum at the deadline, extend once by this much (None:
+            ``deadline_s``), then fail the round.
+        selection: which online agents are asked.
+        min_agents: agents that must be online before a round opens (None: ``min_updates``).
+        late_updates: an update for an earlier round is dropped (``stale_round``) or
+            folded into the current round with weight ``1/sqrt(1 + staleness)``.
+        max_staleness: oldest base round (in rounds) a late update may come from.
+    """
+
+    deadline_s: float = DEFAULT_DEADLINE
+    target_updates: int | None = None
+    min_updates: int = 1
+    extension_s: float | None = None
+    selection: Selection = field(default_factory=SelectAll)
+    min_agents: int | None = None
+    late_updates: LateUpdates = "drop"
+    max_staleness: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.deadline_s > 0:
+            raise ConfigError(f"deadline_s {self.deadline_s} must be positive")
+        if self.min_updates < 1:
+            raise ConfigError(f"min_updates {self.min_updates} must be at least 1")
+        if self.target_updates is not None and self.target_updates < self.min_updates:
+            raise ConfigError(
+                f"target_updates {self.target_updates} is below min_updates {self.min_updates}"
+            )
+        if self.extension_s is not None and not self.extension_s > 0:
+            raise ConfigError(f"extension_s {self.extension_s} must be positive")
+        if self.max_staleness < 0:
+            raise ConfigError(f"max_staleness {self.max_staleness} must be >= 0")
+
+    @property
+    def agents_needed(self) -> int:
+        """Online agents required before a round opens."""
+        return max(self.min_updates, self.min_agents or 0)
+
+
+@dataclass(frozen=True)
+class AsyncPolicy:
+    """FedBuff: aggregate every ``buffer_size`` accepted updates.
+
+    Args:
+        buffer_size: ``K``, updates per new model version.
+        max_staleness: updates trained on a model more than this many versions old are
+            rejected (``stale_round``); the others weigh ``1/sqrt(1 + staleness)``.
+        deadline_s: longest wait between versions: at the deadline a buffer holding at
+            least ``min_updates`` is aggregated early, otherwise the deadline moves on.
+        min_updates: smallest buffer aggregated at the deadline.
+    """
+
+    buffer_size: int = 10
+    max_staleness: int = 10
+    deadline_s: float = DEFAULT_DEADLINE
+    min_updates: int = 1
+
+    def __post_init__(self) -> None:
+        if self.buffer_size < 1 or self.min_updates < 1:
+            raise ConfigError("buffer_size and min_updates must be at least 1")
+        if self.min_updates > self.buffer_size:
+            raise ConfigError(
+                f"min_updates {self.min_updates} is above buffer_size {self.buffer_size}"
+            )
+        if self.max_staleness < 0 or not self.deadline_s > 0:
+            raise ConfigError("max_staleness must be >= 0 and deadline_s positive")
+
+
+@dataclass(frozen=True)
+class TargetMetric:
+    """Stop early once a round's example-weighted metric reaches ``value``."""
+
+    name: str
+    value: float
+    mode: Literal["max", "min"] = "max"
+
+    def reached(self, metrics: dict[str, float]) -> bool:
+        """True if ``metrics`` has the metric at or beyond the target."""
+        current = metrics.get(self.name)
+        if current is None:
+            return False
+        return current >= self.value if self.mode == "max" else current <= self.value
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """Everything the coordinator needs besides the model and the strategy.
+
+    Args:
+        federation: federation id.
+        aggregator_id: our MQTT client id (announced; signs blob chunks).
+        rounds: rounds to run (failed rounds count).
+        mode: ``sync`` rounds or ``async`` FedBuff.
+        root: topic root.
+        sync: synchronous round policy.
+        buffer: asynchronous (FedBuff) policy.
+        training: local training config announced to agents.
+        codec: codec agents encode their deltas with.
+        chunk_size: chunk size of our blobs and of the agents' uploads, bytes.
+        target_metric: optional early stop.
+        heartbeat_s: heartbeat assumed for statuses without one, seconds.
+        missed_heartbeats: silent periods before an agent counts as gone.
+        dropout_grace_s: seconds an agent that went offline may take to come back before
+            a round stops waiting for it (a broker restart fires every last will).
+        agents: allow list of agent ids (None: any agent that posts a status).
+        settle_s: wait after (re)start before opening a round, for retained statuses.
+        max_pending_updates: updates in reassembly at once.
+        pending_ttl_s: idle seconds before a partial update is dropped.
+        dedupe_rounds: closed rounds whose update ids still get ``duplicate`` acks.
+    """
+
+    federation: str
+    aggregator_id: str
+    rounds: int
+    mode: Literal["sync", "async"] = "sync"
+    root: str = DEFAULT_ROOT
+    sync: SyncPolicy = field(default_factory=SyncPolicy)
+    buffer: AsyncPolicy = field(default_factory=AsyncPolicy)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    codec: str = "raw"
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    target_metric: TargetMetric | None = None
+    heartbeat_s: float = DEFAULT_HEARTBEAT
+    missed_heartbeats: int = MISSED_HEARTBEATS
+    dropout_grace_s: float = DROPOUT_GRACE
+    agents: frozenset[str] | None = None
+    settle_s: float = DEFAULT_SETTLE
+    max_pending_updates: int = DEFAULT_MAX_PENDING
+    pending_ttl_s: float = DEFAULT_TTL
+    dedupe_rounds: int = DEFAULT_DEDUPE_ROUNDS
+
+    def __post_init__(self) -> None:
+        validate_id(self.federation, "federation id")
+        validate_id(self.aggregator_id, "aggregator client id")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds {self.rounds} must be at least 1")
+        if not self.heartbeat_s > 0 or self.missed_heartbeats < 1:
+            raise ConfigError("heartbeat_s must be positive and missed_heartbeats >= 1")
+        if self.dropout_grace_s < 0:
+            raise ConfigError(f"dropout_grace_s {self.dropout_grace_s} must be >= 0")
+        if self.settle_s < 0:
+            raise ConfigError(f"settle_s {self.settle_s} must be >= 0")
+
+    @property
+    def max_staleness(self) -> int:
+        """Staleness bound of the active mode."""
+        return self.buffer.max_staleness if self.mode == "async" else self.sync.max_staleness

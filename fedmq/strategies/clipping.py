@@ -1,0 +1,30 @@
+"""Update-norm clipping: scale an update down to at most ``max_norm`` (L2 over all tensors).
+
+Bounds any single client's influence on the round (and is the sensitivity bound that
+central differential privacy needs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedmq.errors import LocalProtocolError
+from fedmq.strategies.base import Array, TensorMap, update_norm
+
+
+def clip_update(delta: TensorMap, max_norm: float) -> tuple[dict[str, Array], float]:
+    """Return ``delta * min(1, max_norm / ||delta||)`` and the original norm.
+
+    The input is not modified; an update already within the bound is returned as is
+    (same arrays, no copy).
+
+    Raises:
+        LocalProtocolError: ``max_norm`` is not positive.
+    """
+    if not max_norm > 0:
+        raise LocalProtocolError(f"clip norm {max_norm} must be positive")
+    norm = update_norm(delta)
+    if norm <= max_norm:
+        return dict(delta), norm
+    scale = np.float32(max_norm / norm)
+    return {name: np.asarray(array, np.float32) * scale for name, array in delta.items()}, norm

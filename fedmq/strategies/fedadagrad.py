@@ -1,0 +1,17 @@
+"""FedAdagrad (Reddi et al. 2021): ``v <- v + delta**2``."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from fedmq.strategies.adaptive import AdaptiveOptimizer
+from fedmq.strategies.base import Array
+
+
+class ServerAdagrad(AdaptiveOptimizer):
+    """Adagrad on the server (``beta2`` is unused)."""
+
+    name: ClassVar[str] = "adagrad"
+
+    def _second_moment(self, v: Array, squared: Array) -> Array:
+        return v + squared

@@ -1,0 +1,105 @@
+"""federation.toml + FEDMQ_* environment: precedence, relative paths, readable errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedmq.aggregator.config import load_settings
+from fedmq.errors import ConfigError
+from fedmq.protocol.selection import SelectFraction
+
+TOML = """
+federation = "plant7"
+bundle = "bundles/mlp"
+state_dir = "state"
+rounds = 20
+
+[broker]
+url = "mqtts://broker.plant:8883"
+ca_file = "pki/ca.pem"
+
+[round]
+deadline_s = 120
+min_updates = 3
+target_updates = 8
+selection = "fraction"
+fraction = 0.5
+seed = 7
+late_updates = "fold"
+
+[strategy]
+name = "fedadam"
+eta = 0.05
+clip_norm = 5.0
+
+[training]
+epochs = 2
+lr = 0.05
+"""
+
+
+def _write(tmp_path: Path, text: str = TOML) -> Path:
+    path = tmp_path / "federation.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_full_file_loads_with_paths_relative_to_it(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path))
+    assert settings.bundle == (tmp_path / "bundles" / "mlp").resolve()
+    assert settings.state_dir == (tmp_path / "state").resolve()
+    assert settings.broker.ca_file == (tmp_path / "pki" / "ca.pem").resolve()
+    assert settings.client_id == "fedmq-aggregator-plant7"
+    config = settings.coordinator_config()
+    assert config.aggregator_id == "fedmq-aggregator-plant7"
+    assert config.sync.selection == SelectFraction(0.5, 7)
+    assert (config.sync.min_updates, config.sync.target_updates) == (3, 8)
+    assert config.training.epochs == 2
+    assert settings.strategy.name == "fedadam"
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDMQ_ROUNDS", "5")
+    monkeypatch.setenv("FEDMQ_ROUND__DEADLINE_S", "30")
+    monkeypatch.setenv("FEDMQ_BROKER__PASSWORD", "s3cret")
+    monkeypatch.setenv("FEDMQ_BROKER__CLIENT_ID", "agg-2")
+    settings = load_settings(_write(tmp_path))
+    assert settings.rounds == 5
+    assert settings.round.deadline_s == 30
+    assert settings.round.min_updates == 3  # the rest of [round] still comes from the file
+    assert settings.broker_settings().password == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert settings.client_id == "agg-2"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ("rounds = 0", "rounds"),
+        ('federation = "a/b"', "federation"),
+        ("bogus = 1", "bogus"),
+        ('codec = "zip"', "codec"),
+        ("[round]\nmin_updates = 9\ntarget_updates = 2", "target_updates"),
+        ('[broker]\nurl = "http://x"', "mqtt://"),
+        ("[strategy]\ndp = { noise_multiplier = 1.0 }", "clip_norm"),
+        ('[strategy]\nname = "fedsgd"', "strategy.name"),
+        ('[strategy]\nname = "krum"\nbyzantine = 2', "min_updates >= 5"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path: Path, patch: str, message: str) -> None:
+    lines = ['federation = "plant7"', 'bundle = "b"', 'state_dir = "s"', "rounds = 1"]
+    key = patch.split("=", maxsplit=1)[0].strip()
+    base = "\n".join(line for line in lines if not line.startswith(f"{key} ="))
+    with pytest.raises(ConfigError, match=message):
+        load_settings(_write(tmp_path, base + "\n" + patch + "\n"))
+
+
+def test_missing_or_broken_files_are_config_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="TOML"):
+        load_settings(_write(tmp_path, "rounds = ["))
+    with pytest.raises(ConfigError, match="federation"):
+        load_settings(_write(tmp_path, "rounds = 1"))
