@@ -9,24 +9,17 @@ See ``docs/agent.md`` for the reference.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    SecretStr,
-    ValidationError,
-    model_validator,
-)
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from fedmq.errors import ConfigError, InvalidIdentifierError
-from fedmq.transport.mqtt import KEEPALIVE, BrokerAddress, BrokerSettings
-from fedmq.wire.ids import validate_id, validate_root
+from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
+from fedmq.errors import ConfigError
+from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection
+from fedmq.transport.mqtt import BrokerSettings
+from fedmq.wire.ids import Identifier, TopicRoot
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, MiB
 
 ENV_PREFIX = "FEDMQ_AGENT_"
@@ -42,28 +35,6 @@ DEFAULT_OUTBOX_MAX_AGE = 24 * 3600.0  # seconds: the broker's session expiry; ol
 MAX_THREADS = 256
 
 
-def _identifier(value: str) -> str:
-    try:
-        return validate_id(value)
-    except InvalidIdentifierError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-def _root(value: str) -> str:
-    try:
-        return validate_root(value)
-    except InvalidIdentifierError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-def _broker_url(value: str) -> str:
-    try:
-        BrokerAddress.parse(value)
-    except ConfigError as exc:
-        raise ValueError(str(exc)) from exc
-    return value
-
-
 def _entry_point(value: str | None) -> str | None:
     if value is None:
         return None
@@ -74,41 +45,8 @@ def _entry_point(value: str | None) -> str | None:
     return value
 
 
-Identifier = Annotated[str, AfterValidator(_identifier)]
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class BrokerConfig(_Section):
-    """``[broker]``: where the MQTT broker is and how to authenticate."""
-
-    url: Annotated[str, AfterValidator(_broker_url)] = Field(
-        description="mqtt://host[:port] or mqtts://host[:port]"
-    )
-    username: str | None = None
-    password: SecretStr | None = Field(None, description="prefer FEDMQ_AGENT_BROKER__PASSWORD")
-    ca_file: Path | None = Field(None, description="CA bundle for mqtts (system CAs if unset)")
-    cert_file: Path | None = Field(None, description="device certificate (mTLS)")
-    key_file: Path | None = Field(None, description="private key of cert_file")
-    protocol: Literal["5", "3.1.1"] = "5"
-    keepalive_s: int = Field(KEEPALIVE, ge=5, le=3600)
-
-    @model_validator(mode="after")
-    def _tls_files(self) -> BrokerConfig:
-        if self.key_file is not None and self.cert_file is None:
-            raise ValueError("key_file is set but cert_file is not")
-        tls = self.url.startswith("mqtts://")
-        for name in ("ca_file", "cert_file", "key_file"):
-            path: Path | None = getattr(self, name)
-            if path is None:
-                continue
-            if not tls:
-                raise ValueError(f"{name} is set but the broker url is not mqtts://")
-            if not path.is_file():
-                raise ValueError(f"{name} {str(path)!r} does not exist or is not a file")
-        return self
 
 
 class DataConfig(_Section):
@@ -170,7 +108,7 @@ class OutboxConfig(_Section):
     max_age_s: float = Field(DEFAULT_OUTBOX_MAX_AGE, gt=0)
 
 
-class AgentSettings(BaseSettings):
+class AgentSettings(EnvFirstSettings):
     """Everything ``fedmq-agent run`` needs; see docs/agent.md for each field."""
 
     model_config = SettingsConfigDict(
@@ -182,52 +120,19 @@ class AgentSettings(BaseSettings):
 
     client_id: Identifier = Field(description="this device's id: MQTT client id and topic level")
     federation: Identifier
-    topic_root: Annotated[str, AfterValidator(_root)] = "fedmq"
+    topic_root: TopicRoot = "fedmq"
     state_dir: Path = DEFAULT_STATE_DIR
     threads: int = Field(1, ge=1, le=MAX_THREADS, description="onnxruntime intra-op threads")
     heartbeat_s: float = Field(DEFAULT_HEARTBEAT, ge=0.05, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    broker: BrokerConfig
+    broker: BrokerSection
     data: DataConfig
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first, then the TOML document passed as init arguments."""
-        return env_settings, init_settings
-
     def broker_settings(self) -> BrokerSettings:
         """Connection settings for :class:`fedmq.transport.mqtt.MqttSession`."""
-        broker = self.broker
-        return BrokerSettings(
-            url=broker.url,
-            client_id=self.client_id,
-            username=broker.username,
-            password=broker.password.get_secret_value() if broker.password else None,
-            ca_file=broker.ca_file,
-            cert_file=broker.cert_file,
-            key_file=broker.key_file,
-            protocol=broker.protocol,
-            persistent_session=True,
-            keepalive=broker.keepalive_s,
-        )
-
-
-def _describe(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors(include_url=False)[:10]:
-        where = ".".join(str(part) for part in error["loc"]) or "<root>"
-        message = error["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {message}")
-    return "\n".join(lines)
+        return self.broker.session_settings(self.client_id)
 
 
 def parse_settings(document: dict[str, Any], source: str = "<config>") -> AgentSettings:
@@ -239,22 +144,21 @@ def parse_settings(document: dict[str, Any], source: str = "<config>") -> AgentS
     try:
         return AgentSettings(**document)
     except ValidationError as exc:
-        raise ConfigError(f"invalid agent configuration in {source}:\n{_describe(exc)}") from exc
+        raise ConfigError(f"invalid agent configuration in {source}:\n{describe(exc)}") from exc
 
 
 def load_settings(path: Path) -> AgentSettings:
     """Read ``path`` (TOML), apply ``FEDMQ_AGENT_*`` overrides and validate.
 
+    Relative paths in the file are relative to the file's directory.
+
     Raises:
         ConfigError: unreadable file, TOML syntax error (with line and column), or
             invalid values.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read agent configuration {str(path)!r}: {exc}") from exc
-    try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    document = read_toml(path, "agent configuration")
+    base = path.resolve().parent
+    resolve_paths(base, document, ("state_dir",))
+    resolve_paths(base, document.get("data"), ("path", "module_path"))
+    resolve_paths(base, document.get("broker"), TLS_FILE_KEYS)
     return parse_settings(document, str(path))

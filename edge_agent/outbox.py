@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_agent.fsutil import fsync_dir, remove_tree, write_file
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import Identifier, RoundNumber
+from fedmq.wire.control import RoundNumber
 from fedmq.wire.framing import Buffer
+from fedmq.wire.ids import Identifier
 
 log = logging.getLogger(__name__)
 

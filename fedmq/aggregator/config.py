@@ -8,14 +8,14 @@ Relative paths in the file are relative to the file.  Every field is documented 
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import SettingsConfigDict
 
-from fedmq.errors import ConfigError, InvalidIdentifierError, LocalProtocolError
+from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
+from fedmq.errors import ConfigError, LocalProtocolError
 from fedmq.protocol.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
 from fedmq.protocol.policy import (
     DEFAULT_DEADLINE,
@@ -30,51 +30,29 @@ from fedmq.protocol.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEART
 from fedmq.protocol.selection import SelectAll, SelectFraction, Selection, SelectList
 from fedmq.runtime.config import TrainingConfig
 from fedmq.strategies.config import StrategyConfig, build_strategy
-from fedmq.transport.mqtt import KEEPALIVE, BrokerAddress, BrokerSettings
+from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection, BrokerUrl
+from fedmq.transport.mqtt import BrokerSettings
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.wire.control import CodecText
-from fedmq.wire.ids import validate_id, validate_root
+from fedmq.wire.ids import Identifier, TopicRoot
 from fedmq.wire.topics import DEFAULT_ROOT
 
+DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 STATUS_INTERVAL = 0.5  # seconds: coalesce status publishes during bursts of updates
 SHUTDOWN_GRACE = 10.0  # seconds: finish storing and acking in-flight updates on SIGTERM
-
-
-def _id(value: str) -> str:
-    try:
-        return validate_id(value)
-    except InvalidIdentifierError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-def _root(value: str) -> str:
-    try:
-        return validate_root(value)
-    except InvalidIdentifierError as exc:
-        raise ValueError(str(exc)) from exc
-
-
-Identifier = Annotated[str, AfterValidator(_id)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BrokerConfig(_Section):
+class BrokerConfig(BrokerSection):
     """``[broker]``: where the broker is and who we are to it."""
 
-    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://…")
+    url: BrokerUrl = Field(DEFAULT_BROKER_URL, description="mqtt://host:port or mqtts://...")
     client_id: Identifier | None = Field(
         None, description="MQTT client id (default fedmq-aggregator-<federation>)"
     )
-    username: str | None = None
-    password: SecretStr | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    protocol: Literal["5", "3.1.1"] = "5"
-    keepalive: int = Field(KEEPALIVE, ge=5, le=3600, description="seconds")
 
 
 class RoundSection(_Section):
@@ -118,7 +96,7 @@ class TargetMetricSection(_Section):
     mode: Literal["max", "min"] = "max"
 
 
-class AggregatorSettings(BaseSettings):
+class AggregatorSettings(EnvFirstSettings):
     """Everything ``fedmq serve`` needs; see ``docs/aggregator.md``."""
 
     model_config = SettingsConfigDict(
@@ -130,7 +108,7 @@ class AggregatorSettings(BaseSettings):
     state_dir: Path = Field(description="where checkpoints, updates and records live")
     rounds: int = Field(ge=1)
     mode: Literal["sync", "async"] = "sync"
-    topic_root: Annotated[str, AfterValidator(_root)] = DEFAULT_ROOT
+    topic_root: TopicRoot = DEFAULT_ROOT
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     round: RoundSection = Field(default_factory=RoundSection)
     fedbuff: FedBuffSection = Field(default_factory=FedBuffSection)
@@ -153,18 +131,6 @@ class AggregatorSettings(BaseSettings):
     exit_when_finished: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        """Environment first, then the TOML file (passed as init values)."""
-        return (env_settings, init_settings)
-
     @property
     def client_id(self) -> str:
         """Our MQTT client id: configured, or ``fedmq-aggregator-<federation>``."""
@@ -172,19 +138,7 @@ class AggregatorSettings(BaseSettings):
 
     def broker_settings(self) -> BrokerSettings:
         """Settings of the MQTT session."""
-        password = self.broker.password.get_secret_value() if self.broker.password else None
-        return BrokerSettings(
-            url=self.broker.url,
-            client_id=self.client_id,
-            username=self.broker.username,
-            password=password,
-            ca_file=self.broker.ca_file,
-            cert_file=self.broker.cert_file,
-            key_file=self.broker.key_file,
-            protocol=self.broker.protocol,
-            persistent_session=True,  # queued updates survive an aggregator restart
-            keepalive=self.broker.keepalive,
-        )
+        return self.broker.session_settings(self.client_id)
 
     def coordinator_config(self) -> CoordinatorConfig:
         """The state machine's view of this configuration.
@@ -233,20 +187,6 @@ class AggregatorSettings(BaseSettings):
         )
 
 
-def _resolve(base: Path, data: dict[str, Any], keys: tuple[str, ...]) -> None:
-    for key in keys:
-        value = data.get(key)
-        if isinstance(value, str) and value and not Path(value).is_absolute():
-            data[key] = str((base / value).resolve())
-
-
-def _format(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in error['loc']) or '<root>'}: {error['msg']}"
-        for error in exc.errors(include_url=False)[:8]
-    )
-
-
 def _check_quorum_fits_strategy(settings: AggregatorSettings) -> None:
     strategy = settings.strategy
     if strategy.name != "krum":
@@ -276,28 +216,19 @@ def load_settings(path: Path | None, **overrides: Any) -> AggregatorSettings:
     """
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        data = read_toml(path, "config file")
         base = path.resolve().parent
-        _resolve(base, data, ("bundle", "state_dir"))
-        if isinstance(data.get("broker"), dict):
-            _resolve(base, data["broker"], ("ca_file", "cert_file", "key_file"))
+        resolve_paths(base, data, ("bundle", "state_dir"))
+        resolve_paths(base, data.get("broker"), TLS_FILE_KEYS)
     data.update(overrides)
     where = f" in {path}" if path is not None else ""
     try:
         settings = AggregatorSettings(**data)
-        BrokerAddress.parse(settings.broker.url)
         settings.coordinator_config()  # cross-field checks (quorum vs target, ...)
         build_strategy(settings.strategy)  # e.g. DP noise without a clip norm
         _check_quorum_fits_strategy(settings)
     except ValidationError as exc:
-        raise ConfigError(f"invalid configuration{where}: {_format(exc)}") from exc
+        raise ConfigError(f"invalid configuration{where}:\n{describe(exc)}") from exc
     except (ConfigError, LocalProtocolError) as exc:
         raise ConfigError(f"invalid configuration{where}: {exc}") from exc
     return settings

@@ -20,7 +20,6 @@ from pydantic import (
 )
 
 from fedmq.errors import (
-    InvalidIdentifierError,
     LimitExceededError,
     LocalProtocolError,
     MalformedMessageError,
@@ -29,7 +28,7 @@ from fedmq.errors import (
 from fedmq.runtime.config import TrainingConfig
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.framing import Buffer
-from fedmq.wire.ids import validate_id
+from fedmq.wire.ids import Identifier
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.topics import MAX_ROUND
@@ -37,19 +36,11 @@ from fedmq.wire.topics import MAX_ROUND
 CONTROL_VERSION = 1
 
 
-def _id(value: str) -> str:
-    try:
-        return validate_id(value)
-    except InvalidIdentifierError as exc:
-        raise ValueError(str(exc)) from exc
-
-
 def _codec(value: str) -> str:
     CodecSpec.parse(value)  # raises UnsupportedCodecError (a ValueError) when unknown
     return value
 
 
-Identifier = Annotated[str, AfterValidator(_id)]
 RoundNumber = Annotated[int, Field(ge=0, lt=MAX_ROUND)]
 Timestamp = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 CodecText = Annotated[str, AfterValidator(_codec)]

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 from fedmq.errors import InvalidIdentifierError
 
@@ -49,3 +53,21 @@ def validate_root(root: str) -> str:
     for level in root.split("/"):
         validate_id(level, "topic root level")
     return root
+
+
+def _as_value_error(check: Callable[[str], str]) -> Callable[[str], str]:
+    # pydantic reports ValueErrors as validation errors naming the field.
+    def validator(value: str) -> str:
+        try:
+            return check(value)
+        except InvalidIdentifierError as exc:
+            raise ValueError(str(exc)) from exc
+
+    return validator
+
+
+Identifier = Annotated[str, AfterValidator(_as_value_error(validate_id))]
+"""A pydantic field type for federation, client and update ids."""
+
+TopicRoot = Annotated[str, AfterValidator(_as_value_error(validate_root))]
+"""A pydantic field type for topic roots such as ``fedmq`` or ``plant-7/fedmq``."""

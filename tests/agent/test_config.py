@@ -44,6 +44,19 @@ def test_minimal_file_gets_documented_defaults(tmp_path: Path) -> None:
     assert broker.address.port == 1883
 
 
+def test_relative_paths_are_relative_to_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    config = project / "agent.toml"
+    config.write_text('state_dir = "state"\n' + MINIMAL.replace("{data}", "data"), encoding="utf-8")
+    monkeypatch.chdir(tmp_path)  # not the project: the file's directory is what counts
+    settings = load_settings(Path("project/agent.toml"))
+    assert settings.data.path == (project / "data").resolve()
+    assert settings.state_dir == (project / "state").resolve()
+
+
 def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "agent.toml"
     document = tomllib.loads(example.read_text(encoding="utf-8"))

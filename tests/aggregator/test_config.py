@@ -41,6 +41,9 @@ lr = 0.05
 
 
 def _write(tmp_path: Path, text: str = TOML) -> Path:
+    # TLS files named in [broker] must exist: a typo in a path is a config error.
+    (tmp_path / "pki").mkdir(exist_ok=True)
+    (tmp_path / "pki" / "ca.pem").write_text("(a CA certificate)", encoding="utf-8")
     path = tmp_path / "federation.toml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -103,3 +106,10 @@ def test_missing_or_broken_files_are_config_errors(tmp_path: Path) -> None:
         load_settings(_write(tmp_path, "rounds = ["))
     with pytest.raises(ConfigError, match="federation"):
         load_settings(_write(tmp_path, "rounds = 1"))
+
+
+def test_missing_tls_file_is_a_config_error(tmp_path: Path) -> None:
+    path = _write(tmp_path)
+    (tmp_path / "pki" / "ca.pem").unlink()
+    with pytest.raises(ConfigError, match=r"ca_file .* does not exist"):
+        load_settings(path)
