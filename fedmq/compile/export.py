@@ -28,6 +28,7 @@ from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from fedmq.compile.decompositions import train_step_decompositions
+from fedmq.compile.translations import translation_table
 from fedmq.errors import CompileError, UnsupportedOperatorError
 
 MAX_BATCH = 2**20  # examples per call; the upper bound torch.export needs for the batch symbol
@@ -82,6 +83,7 @@ def _to_onnx(
             output_names=list(output_names),
             verbose=False,
             optimize=True,
+            custom_translation_table=translation_table(),
         )
     except Exception as exc:  # the exporter raises a zoo of private error types
         message = str(exc)

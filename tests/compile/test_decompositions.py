@@ -1,7 +1,8 @@
-"""fedmq's backward decompositions equal ATen's own kernels (eager, many configurations)."""
+"""fedmq's decompositions equal ATen's own kernels (eager, many configurations)."""
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -11,7 +12,10 @@ from fedmq.compile.decompositions import (
     adaptive_avg_pool2d_backward,
     avg_pool2d_backward,
     convolution_backward,
+    max_pool2d_with_indices,
+    max_pool2d_with_indices_backward,
 )
+from fedmq.compile.translations import space_to_depth
 
 pytestmark = pytest.mark.compile
 
@@ -111,3 +115,84 @@ def test_adaptive_avg_pool2d_backward(size_in: tuple[int, int], size_out: tuple[
     torch.testing.assert_close(
         adaptive_avg_pool2d_backward(grad, x), expected, rtol=1e-6, atol=1e-6
     )
+
+
+# (kernel, stride, padding, dilation, ceil_mode): square non-overlapping (SpaceToDepth),
+# overlapping, padded, ceil mode reading past the end, dilated, 1-d style (1, k).
+POOL_CASES = [
+    ((2, 2), (2, 2), 0, 1, False),
+    ((2, 2), (2, 2), 0, 1, True),
+    ((3, 3), (3, 3), 0, 1, False),
+    ((3, 3), (2, 2), 1, 1, False),
+    ((3, 3), (2, 2), 1, 1, True),
+    ((3, 2), (2, 1), (1, 0), (1, 2), False),
+    ((2, 2), (3, 3), 1, 2, True),
+    ((2, 2), (1, 1), 0, 1, False),
+    ((1, 2), (1, 2), 0, 1, False),
+    ((1, 3), (1, 2), (0, 1), 1, True),
+]
+
+
+def _tied(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """ReLU-like input on a coarse grid: most windows hold several equal maxima."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.relu(torch.randn(shape, generator=gen)).mul(2).round().div(2)
+
+
+POOL_SHAPES = [(3, 4, 9, 11), (2, 3, 8, 8), (4, 9, 11), (3, 2, 1, 16)]  # odd, even, unbatched, 1-d
+
+
+@pytest.mark.parametrize(
+    ("shape", "case"),
+    [(s, c) for s in POOL_SHAPES for c in POOL_CASES if s[-2] > 1 or c[0][0] == 1],
+    ids=str,
+)
+def test_max_pool2d_with_indices_picks_the_first_maximum(
+    shape: tuple[int, ...], case: tuple[Any, ...]
+) -> None:
+    kernel, stride, padding, dilation, ceil_mode = case
+    x = _tied(shape, 3)
+    expected = aten.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+    got = max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])  # same index among ties, not just same value
+    grad = torch.randn(expected[0].shape, generator=torch.Generator().manual_seed(4))
+    args = (grad, x, kernel, stride, padding, dilation, ceil_mode, expected[1])
+    torch.testing.assert_close(
+        max_pool2d_with_indices_backward(*args),
+        aten.max_pool2d_with_indices_backward(*args),
+        rtol=0,
+        atol=1e-6,  # overlapping windows accumulate in a different order
+    )
+
+
+def test_max_pool2d_with_indices_all_minus_infinity_windows() -> None:
+    # Padding taps are -inf too; ATen then picks the first tap inside the input.
+    x = torch.full((1, 1, 5, 5), float("-inf"))
+    for ceil_mode in (False, True):
+        expected = aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], ceil_mode)
+        got = max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], ceil_mode)
+        assert torch.equal(got[0], expected[0])
+        assert torch.equal(got[1], expected[1])
+
+
+def test_max_pool2d_with_indices_nan_window_stays_in_bounds() -> None:
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, :2, :2] = float("nan")
+    _, indices = max_pool2d_with_indices(x, [2, 2], [2, 2], [0, 0], [1, 1], False)
+    assert int(indices.min()) >= 0
+    assert int(indices.max()) < 16
+
+
+def test_max_pool2d_with_indices_declines_inexact_sizes() -> None:
+    # float16 cannot hold every plane index exactly: make_fx keeps the ATen op.
+    x = torch.zeros(1, 1, 64, 64, dtype=torch.float16)
+    assert max_pool2d_with_indices(x, [2, 2]) is NotImplemented
+
+
+def test_space_to_depth_matches_onnx_definition() -> None:
+    x = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+    got = space_to_depth(x, 2)
+    # ONNX SpaceToDepth: out[n, (i*b + j)*C + c, h, w] = x[n, c, h*b + i, w*b + j]
+    for i, j, c in itertools.product(range(2), range(2), range(3)):
+        assert torch.equal(got[:, (i * 2 + j) * 3 + c], x[:, c, i::2, j::2])
