@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from edge_agent.fsutil import TMP_SUFFIX, remove_tree, write_file
+from fedmq.durable_files import TMP_SUFFIX, remove_tree, write_file
 from fedmq.errors import IntegrityError, LimitExceededError, MalformedMessageError
 from fedmq.wire.blobs import BlobRef, sha256_hex
 from fedmq.wire.framing import Buffer

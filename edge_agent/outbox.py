@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.fsutil import fsync_dir, remove_tree, write_file
+from fedmq.durable_files import fsync_dir, remove_tree, write_file
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import RoundNumber
 from fedmq.wire.framing import Buffer

@@ -2,7 +2,7 @@
 
 ::
 
-    <state_dir>/agent.lock        held (flock) while an agent runs on this directory
+    <state_dir>/LOCK              held (flock) while an agent runs on this directory
     <state_dir>/state.json        last answered round, current bundle
     <state_dir>/cache/            content-addressed blobs (edge_agent.blob_cache)
     <state_dir>/outbox/           unacknowledged updates (edge_agent.outbox)
@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 from collections.abc import Mapping
@@ -22,8 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from edge_agent.fsutil import fsync_dir, write_file
 from edge_agent.outbox import Outbox, OutboxEntry, Residual
+from fedmq.durable_files import fsync_dir, lock_directory, write_file
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.wire.control import RoundNumber
 from fedmq.wire.framing import Buffer
@@ -33,7 +32,6 @@ from fedmq.wire.tensors import NO_COMPRESSION, decode_tensors, encode_tensors
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
-LOCK_FILE = "agent.lock"
 _RESIDUAL_SUFFIX = ".tensors"
 
 
@@ -121,17 +119,13 @@ class StateDir:
         self.root = root
         self.federation = federation
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise ConfigError(f"state directory {str(root)!r} is not usable: {exc}") from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = lock_directory(root)
         except BlockingIOError:
-            os.close(self._lock_fd)
             raise ConfigError(
                 f"another fedmq-agent is running on state directory {str(root)!r}"
             ) from None
+        except OSError as exc:
+            raise ConfigError(f"state directory {str(root)!r} is not usable: {exc}") from exc
         try:
             self.outbox = Outbox(root / "outbox")
             self.residuals = ResidualStore(root / "residual")

@@ -20,7 +20,6 @@ fsyncs dominate ingest time.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -30,34 +29,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmq.durable_files import TMP_SUFFIX, fsync_dir, lock_directory, temp_path
 from fedmq.errors import StateError
 from fedmq.protocol.actions import Ticket
 from fedmq.protocol.records import RoundRecord
 from fedmq.wire.framing import Buffer
 
 STATE_FILE = "state.json"
-LOCK_FILE = "LOCK"
-_TMP_SUFFIX = ".tmp"
 _ROUND_DIGITS = 6
 _UPDATE_NAME = re.compile(
     r"(?P<seq>\d+)@(?P<client>[A-Za-z0-9._-]+)@(?P<uid>[A-Za-z0-9._-]+)\.update"
 )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}{_TMP_SUFFIX}")
-
-
 def _write_temp(path: Path, data: Buffer, *, sync: bool = True) -> Path:
-    temp = _temp_name(path)
+    temp = temp_path(path)
     with open(temp, "wb") as stream:
         stream.write(data)
         stream.flush()
@@ -78,7 +64,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
     path.parent.mkdir(parents=True, exist_ok=True)
     os.replace(_write_temp(path, data), path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -104,17 +90,13 @@ class StateStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         try:
-            root.mkdir(parents=True, exist_ok=True)
-            self._lock_fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise StateError(f"cannot use state directory {root}: {exc}") from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._lock_fd = lock_directory(root)
         except BlockingIOError:
-            os.close(self._lock_fd)
             raise StateError(
                 f"state directory {root} is in use by another aggregator (stop it first)"
             ) from None
+        except OSError as exc:
+            raise StateError(f"cannot use state directory {root}: {exc}") from exc
         self._remove_temporaries()
 
     def close(self) -> None:
@@ -130,7 +112,7 @@ class StateStore:
         self.close()
 
     def _remove_temporaries(self) -> None:
-        for temp in self.root.rglob(f".*{_TMP_SUFFIX}"):
+        for temp in self.root.rglob(f".*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
                 temp.unlink()
 
@@ -233,7 +215,7 @@ class StateStore:
         for temp, final in temps:
             os.replace(temp, final)
         for directory in {final.parent for _, final in temps}:
-            _fsync_dir(directory)
+            fsync_dir(directory)
 
     def stored_updates(self, round_id: int) -> list[StoredUpdate]:
         """Updates stored for ``round_id``, in acceptance order."""

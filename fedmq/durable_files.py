@@ -1,13 +1,15 @@
-"""Crash-safe file writes for the agent's state directory.
+"""Crash-safe files for the state directories of the aggregator and the agents.
 
-A device loses power without warning, so every file the agent relies on after a restart
-is written to a temporary name, fsync'd, renamed over the target and the directory
-fsync'd: after a crash the target holds either the old or the new content, never a mix.
+Devices and servers lose power without warning, so every file a service relies on after
+a restart is written to a temporary name, fsync'd, renamed over the target and the
+directory fsync'd: after a crash the target holds the old or the new content, never a
+mix.  A state directory is owned by one process at a time, through an exclusive lock.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +17,31 @@ from pathlib import Path
 from fedmq.wire.framing import Buffer
 
 TMP_SUFFIX = ".tmp"
+LOCK_FILE = "LOCK"
+
+
+def temp_path(path: Path) -> Path:
+    """The hidden temporary name ``path`` is written under before its rename."""
+    return path.with_name(f".{path.name}{TMP_SUFFIX}")
+
+
+def lock_directory(root: Path) -> int:
+    """Create ``root`` if needed and take its exclusive lock; return the lock's descriptor.
+
+    Closing the descriptor releases the lock (so does the process dying).
+
+    Raises:
+        BlockingIOError: another process holds the lock.
+        OSError: the directory or its lock file cannot be created.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(directory: Path) -> None:
@@ -35,7 +62,7 @@ def write_file(path: Path, data: Buffer, *, durable: bool = True) -> None:
         durable: fsync the file and its directory; False for files that are verified on
             read anyway (blob chunks), where a lost write only costs a re-download.
     """
-    tmp = path.with_name(path.name + TMP_SUFFIX)
+    tmp = temp_path(path)
     with open(tmp, "wb") as handle:
         handle.write(data)
         if durable:
