@@ -60,6 +60,7 @@ from fedmq.errors import (
     TrainingError,
     TransportError,
 )
+from fedmq.timeouts import wait_event, within
 from fedmq.transport.blobs import BlobReceiver, publish_chunks
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.blobs import BlobRef
@@ -159,6 +160,19 @@ class Agent:
         self._cancel_training.set()
         self._stop.set()
 
+    def abort(self) -> None:
+        """Vanish like a device losing power: no offline status, no MQTT DISCONNECT.
+
+        Training stops at its next batch and the connection is dropped, so the broker
+        publishes the last will (``offline``).  Cancel the task running :meth:`run`
+        right after.  What was committed stays on disk, as after a real crash.  Used by
+        ``fedmq simulate --drop-rate`` for in-process agents.
+        """
+        self._stopping = True
+        self._cancel_training.set()
+        if self._session is not None:
+            self._session.abort()
+
     @property
     def connected(self) -> bool:
         """True while the MQTT session is up."""
@@ -246,7 +260,7 @@ class Agent:
         # Training stops at its next batch; a commit in progress completes (it is
         # atomic either way).  Only then is the task cancelled.
         with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(asyncio.shield(task), STOP_GRACE)
+            await within(asyncio.shield(task), STOP_GRACE)
         if not task.done():
             log.warning("training did not stop within %.0f s; abandoning it", STOP_GRACE)
             task.cancel()
@@ -258,7 +272,7 @@ class Agent:
             return
         payload = encode_control(self.status.snapshot(self._clock(), "offline"))
         with contextlib.suppress(TransportError, TimeoutError):
-            await asyncio.wait_for(
+            await within(
                 session.publish(
                     self.topics.status(self.client),
                     payload,
@@ -288,8 +302,7 @@ class Agent:
         topic = self.topics.status(self.client)
         interval = self.settings.heartbeat_s
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._status_changed.wait(), interval)
+            await wait_event(self._status_changed, interval)
             self._status_changed.clear()
             if not session.is_connected:
                 continue
@@ -588,8 +601,7 @@ class Agent:
             if self.status.state == "uploading":
                 self._set_state("idle")
             timeout = None if wake_at is None else max(0.0, wake_at - self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._outbox_kick.wait(), timeout)
+            await wait_event(self._outbox_kick, timeout)
             self._outbox_kick.clear()
 
     async def _send(self, session: MqttSession, entry: OutboxEntry, record: SendRecord) -> None:

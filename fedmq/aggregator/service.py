@@ -66,6 +66,7 @@ from fedmq.protocol.validation import (
 )
 from fedmq.strategies.config import build_strategy
 from fedmq.strategies.strategy import Strategy
+from fedmq.timeouts import wait_event, within
 from fedmq.transport.blobs import clear_blob, publish_blob
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.archive import pack_files
@@ -294,7 +295,7 @@ class AggregatorService:
         self._accepting = False
         log.info("stopping: no new updates; finishing %d in flight", self._inflight)
         try:
-            await asyncio.wait_for(self._idle.wait(), grace)
+            await within(self._idle.wait(), grace)
         except TimeoutError:
             log.warning(
                 "%d updates still in flight after %g s; they are not acked and will be re-sent",
@@ -302,7 +303,7 @@ class AggregatorService:
                 grace,
             )
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._outbound.join(), grace)
+            await within(self._outbound.join(), grace)
         session = self._session
         if session is not None and session.is_connected and self._coordinator is not None:
             for action in self.coordinator.shutdown(self.clock()):
@@ -512,11 +513,8 @@ class AggregatorService:
             self._timer_event.clear()
             at = self._wakeup
             delay = None if at is None else max(MIN_TIMER_DELAY, at - self.clock())
-            try:
-                await asyncio.wait_for(self._timer_event.wait(), delay)
+            if await wait_event(self._timer_event, delay):
                 continue  # re-armed: recompute
-            except TimeoutError:
-                pass
             if not self._started.is_set():
                 continue
             async with self._lock:

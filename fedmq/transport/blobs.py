@@ -10,6 +10,7 @@ from typing import Protocol
 import aiomqtt
 
 from fedmq.errors import DecodeError, IntegrityError, TransportError
+from fedmq.timeouts import within
 from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import BlobAssembler, BlobRef
 from fedmq.wire.chunks import ChunkKind, decode_chunk, encode_blob_chunks
@@ -193,7 +194,7 @@ class BlobReceiver:
         """
         future = await self.want(ref)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
+            return await within(asyncio.shield(future), timeout)
         except TimeoutError:
             entry = self._pending.get(ref.sha256)
             got = entry[0].received if entry else 0

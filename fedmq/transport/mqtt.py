@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fedmq.errors import ConfigError, TransportError
+from fedmq.timeouts import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +191,7 @@ class MqttSession:
         Raises:
             TransportError: not connected within ``timeout`` seconds.
         """
-        try:
-            await asyncio.wait_for(self._connected.wait(), timeout)
-        except TimeoutError:
+        if not await wait_event(self._connected, timeout):
             raise TransportError(
                 f"no connection to {self.settings.url} within {timeout:g} s"
                 + (f" (last error: {self.last_error})" if self.last_error else "")
