@@ -160,19 +160,6 @@ class Agent:
         self._cancel_training.set()
         self._stop.set()
 
-    def abort(self) -> None:
-        """Vanish like a device losing power: no offline status, no MQTT DISCONNECT.
-
-        Training stops at its next batch and the connection is dropped, so the broker
-        publishes the last will (``offline``).  Cancel the task running :meth:`run`
-        right after.  What was committed stays on disk, as after a real crash.  Used by
-        ``fedmq simulate --drop-rate`` for in-process agents.
-        """
-        self._stopping = True
-        self._cancel_training.set()
-        if self._session is not None:
-            self._session.abort()
-
     @property
     def connected(self) -> bool:
         """True while the MQTT session is up."""
