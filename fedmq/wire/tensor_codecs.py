@@ -129,14 +129,22 @@ def _shuffled(array: npt.NDArray[Any]) -> memoryview:
     itemsize = array.dtype.itemsize
     if array.size == 0:
         return memoryview(b"")
-    planes = np.ascontiguousarray(array).reshape(-1).view(np.uint8).reshape(-1, itemsize)
-    # .T.copy() takes numpy's blocked transpose path: 2.5x faster than ascontiguousarray.
-    return planes.T.copy().data.cast("B")
+    interleaved = np.ascontiguousarray(array).reshape(-1).view(np.uint8).reshape(-1, itemsize)
+    planes = np.empty((itemsize, interleaved.shape[0]), dtype=np.uint8)
+    # One strided copy per byte plane: measured 1.0x-3x faster than a whole transpose
+    # (numpy's transposed copies write with a stride, these read with one).
+    for plane in range(itemsize):
+        planes[plane] = interleaved[:, plane]
+    return planes.data.cast("B")
 
 
 def _unshuffled(segment: memoryview, dtype: np.dtype[Any], count: int) -> npt.NDArray[Any]:
     planes = np.frombuffer(segment, dtype=np.uint8).reshape(dtype.itemsize, count)
-    return planes.T.copy().view(dtype).reshape(-1)
+    result = np.empty(count, dtype=dtype)
+    interleaved = result.view(np.uint8).reshape(count, dtype.itemsize)
+    for plane in range(dtype.itemsize):
+        interleaved[:, plane] = planes[plane]
+    return result
 
 
 def _require_finite(name: str, codec: str, flat: npt.NDArray[Any]) -> None:
