@@ -47,13 +47,18 @@ async def test_resubscribes_and_delivers_after_a_broker_restart(
         await listener.wait_connected(10)
         await sender.publish(f"{federation}/x", b"before")
         broker.restart()
+        # The listener counts a connection only once it has subscribed again.
+        for _ in range(400):
+            if listener.connections == 2 and listener.is_connected:
+                break
+            await asyncio.sleep(0.05)
         await sender.publish(f"{federation}/x", b"after", timeout=20)
         for _ in range(200):
             if b"after" in received:
                 break
             await asyncio.sleep(0.05)
-        assert received == [b"before", b"after"]
         assert listener.connections == 2
+        assert received == [b"before", b"after"]
     finally:
         for task in tasks:
             task.cancel()
