@@ -22,7 +22,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiomqtt
@@ -74,6 +74,9 @@ OFFLINE_PUBLISH_TIMEOUT = 2.0  # seconds: the last status is best effort at shut
 ROUND_RETRY_MAX = 600.0  # seconds: cap of the back-off between attempts at a failed round
 TRAIN_THREAD_PREFIX = "fedmq-train"
 
+TrainRunner = Callable[[Callable[[], RoundOutput], str], Awaitable[RoundOutput]]
+"""Runs ``function`` (a round's blocking work) off the event loop; ``str`` names it."""
+
 
 @dataclass(frozen=True)
 class AgentStatistics:
@@ -101,6 +104,9 @@ class Agent:
         settings: validated configuration.
         notifier: systemd notifier (default: from the environment; no-op without systemd).
         clock: wall-clock time source (unix seconds).
+        train_runner: runs a round's blocking work off the event loop (default: a new
+            daemon thread per round, :func:`run_in_thread`).  ``fedmq simulate`` passes
+            a bounded pool shared by hundreds of in-process agents.
 
     Raises:
         ConfigError: (from :meth:`run`) the state directory is unusable or locked.
@@ -112,8 +118,10 @@ class Agent:
         *,
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
+        train_runner: TrainRunner = run_in_thread,
     ) -> None:
         self.settings = settings
+        self._train_runner = train_runner
         self.client = settings.client_id
         self.topics = Topics(settings.federation, settings.topic_root)
         self.notifier = notifier or Notifier()
@@ -159,6 +167,19 @@ class Agent:
         self._stopping = True
         self._cancel_training.set()
         self._stop.set()
+
+    def abort(self) -> None:
+        """Vanish like a device losing power: no offline status, no MQTT DISCONNECT.
+
+        Training stops at its next batch and the connection is dropped, so the broker
+        publishes the last will (``offline``).  Cancel the task running :meth:`run`
+        right after.  What was committed stays on disk, as after a real crash.  Used by
+        ``fedmq simulate --drop-rate`` for in-process agents.
+        """
+        self._stopping = True
+        self._cancel_training.set()
+        if self._session is not None:
+            self._session.abort()
 
     @property
     def connected(self) -> bool:
@@ -516,7 +537,7 @@ class Agent:
                 )
             return cancel.is_set()
 
-        return await run_in_thread(
+        return await self._train_runner(
             lambda: train_and_commit(
                 inputs,
                 self._models,

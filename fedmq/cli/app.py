@@ -5,7 +5,9 @@ from __future__ import annotations
 import typer
 
 from fedmq.cli.compile_cmd import compile_command
+from fedmq.cli.new_cmd import new_command
 from fedmq.cli.serve_cmd import export_command, serve_command
+from fedmq.cli.simulate_cmd import simulate_command
 
 app = typer.Typer(
     name="fedmq",
@@ -19,6 +21,8 @@ app = typer.Typer(
 app.command("compile")(compile_command)
 app.command("serve")(serve_command)
 app.command("export")(export_command)
+app.command("simulate")(simulate_command)
+app.command("new")(new_command)
 
 
 @app.callback()

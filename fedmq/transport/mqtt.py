@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -149,6 +150,19 @@ class LastWill:
     retain: bool = True
 
 
+def _raise_if_cancelling(cause: BaseException | None) -> None:
+    """Re-raise a cancellation aiomqtt swallowed.
+
+    aiomqtt waits with ``asyncio.wait_for``, which on Python 3.11 drops a cancellation
+    that arrives as the awaited operation completes or fails (a connection dropped
+    under a cancelled publisher does both).  The caller would then carry on as if
+    never cancelled, and a task group waiting for it would hang.
+    """
+    current = asyncio.current_task()
+    if current is not None and current.cancelling():
+        raise asyncio.CancelledError from cause
+
+
 class MqttSession:
     """A reconnecting MQTT session around one aiomqtt client.
 
@@ -254,11 +268,9 @@ class MqttSession:
                         client.timeout = DISCONNECT_TIMEOUT
                         raise
             except aiomqtt.MqttError as exc:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    # aiomqtt's exit may raise MqttError while we are being cancelled;
-                    # swallowing it would keep a stopped service reconnecting forever.
-                    raise asyncio.CancelledError from exc
+                # aiomqtt's exit may raise MqttError while we are being cancelled;
+                # swallowing it would keep a stopped service reconnecting forever.
+                _raise_if_cancelling(exc)
                 self.last_error = str(exc) or type(exc).__name__
                 was_connected = self._connected.is_set()
                 log.warning(
@@ -316,12 +328,32 @@ class MqttSession:
                 await client.publish(
                     topic, payload, qos=qos, retain=retain, timeout=max(0.1, deadline - loop.time())
                 )
-                return
             except aiomqtt.MqttError as exc:
+                _raise_if_cancelling(exc)
                 if loop.time() >= deadline:
                     raise TransportError(f"publish to {topic} failed: {exc}") from exc
                 # The connection dropped under us; the run loop is reconnecting.
                 await asyncio.sleep(0.05)
+            else:
+                _raise_if_cancelling(None)
+                return
+
+    def abort(self) -> None:
+        """Drop the connection without a DISCONNECT, as a crash or a power cut would.
+
+        The broker sees the TCP connection end and publishes the last will.  The run loop
+        reconnects unless its task is cancelled right after (``fedmq simulate`` makes
+        devices vanish mid-round this way).
+        """
+        client = self._client
+        if client is None:
+            return
+        sock = client._client.socket()  # paho underneath: aiomqtt has no abort
+        if isinstance(sock, socket.socket):  # TLS sockets too; paho's websocket wrapper not
+            with contextlib.suppress(OSError):
+                # shutdown, not close: the fd stays valid for the event loop's reader,
+                # which then sees EOF instead of a reused descriptor.
+                sock.shutdown(socket.SHUT_RDWR)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now (if connected) and after every reconnect."""

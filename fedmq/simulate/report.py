@@ -1,0 +1,166 @@
+"""The report directory a simulation leaves behind.
+
+::
+
+    <out>/
+      rounds.csv        one row per round (columns: fedmq.simulate.rounds.COLUMNS)
+      rounds.json       the same rows, plus the run's settings and the initial model's metrics
+      summary.json      the run at a glance: settings, broker, final metrics, bytes per round
+      summary.txt       the same for people, with a bytes-per-round table
+      metrics.png       loss and accuracy (or AUROC) per round
+      model.onnx        the final global model, standalone (fedmq export)
+      aggregator/       the aggregator's state directory (checkpoints, round records)
+      agents/           agent logs (subprocess agents)
+      simulate.log      log of the run (fedmq simulate)
+      updates/          every update envelope seen on the wire (--keep-updates)
+
+A directory holding anything but the files of a previous report is refused, so a typo
+in ``--out`` cannot wipe unrelated files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmq.errors import ConfigError
+from fedmq.simulate.rounds import COLUMNS, RoundRow
+
+SUMMARY_JSON = "summary.json"
+REPORT_FILES = (
+    "rounds.csv",
+    "rounds.json",
+    SUMMARY_JSON,
+    "summary.txt",
+    "metrics.png",
+    "model.onnx",
+)
+REPORT_DIRS = ("aggregator", "agents", "updates")
+LOG_FILE = "simulate.log"
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create ``out``, or empty it if it holds a previous report.
+
+    Raises:
+        ConfigError: ``out`` is a file, or a non-empty directory that is not a report.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a directory")
+    if out.is_dir():
+        known = {*REPORT_FILES, *REPORT_DIRS, LOG_FILE}
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in known)
+        if strangers:
+            raise ConfigError(
+                f"--out {out} holds files that are not part of a fedmq report "
+                f"({', '.join(strangers[:3])}): choose another directory"
+            )
+        # The log is left alone: the command may already be writing to it.
+        for name in REPORT_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in REPORT_DIRS:
+            shutil.rmtree(out / name, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def rows_csv(rows: Sequence[RoundRow]) -> str:
+    """The rows as CSV text with a header line."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(COLUMNS)
+    for row in rows:
+        values = row.as_dict()
+        writer.writerow([_cell(values[name]) for name in COLUMNS])
+    return buffer.getvalue()
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def human_bytes(count: float) -> str:
+    """``1.5 MiB``-style size."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def summary_text(summary: dict[str, Any], rows: Sequence[RoundRow]) -> str:
+    """The human-readable summary, ending with bytes per round."""
+    run = summary["run"]
+    lines = [
+        f"fedmq simulation of {run['workload']}: {run['agents']} agents "
+        f"({'subprocesses' if run['processes'] else 'in-process'}), {run['rounds']} rounds, "
+        f"partition {run['partition']}, codec {run['codec']}, strategy {run['strategy']}, "
+        f"drop rate {run['drop_rate']:g}",
+        f"broker: {summary['broker']['kind']} ({summary['broker']['reason']})",
+        f"wall time: {summary['wall_time_s']:.1f} s; rounds closed {summary['rounds_closed']}, "
+        f"failed {summary['rounds_failed']}",
+    ]
+    for label, key in (("initial model", "initial"), ("final model", "final")):
+        metrics = summary.get(key) or {}
+        if metrics:
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
+            lines.append(f"{label}: {shown}")
+    lines += ["", "bytes per round (up: update chunks sent; down: fetched, estimated)"]
+    lines.append(f"{'round':>5}  {'up':>12}  {'down':>12}  {'per agent up':>12}")
+    for row in rows:
+        per_agent = row.bytes_up / row.updates_accepted if row.updates_accepted else 0
+        lines.append(
+            f"{row.round:>5}  {human_bytes(row.bytes_up):>12}  {human_bytes(row.bytes_down):>12}"
+            f"  {human_bytes(per_agent):>12}"
+        )
+    totals = summary["bytes"]
+    lines.append(
+        f"{'total':>5}  {human_bytes(totals['up']):>12}  {human_bytes(totals['down']):>12}"
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out: Path,
+    rows: Sequence[RoundRow],
+    summary: dict[str, Any],
+) -> None:
+    """Write ``rounds.csv``, ``rounds.json``, ``summary.json``, ``summary.txt``, ``metrics.png``."""
+    from fedmq.simulate.plot import plot_rounds  # noqa: PLC0415 - matplotlib is slow to import
+
+    (out / "rounds.csv").write_text(rows_csv(rows), encoding="utf-8")
+    document = {
+        "run": summary["run"],
+        "initial": summary.get("initial"),
+        "rounds": [row.as_dict() for row in rows],
+    }
+    (out / "rounds.json").write_text(
+        json.dumps(_json_safe(document), indent=1) + "\n", encoding="utf-8"
+    )
+    (out / SUMMARY_JSON).write_text(
+        json.dumps(_json_safe(summary), indent=1) + "\n", encoding="utf-8"
+    )
+    (out / "summary.txt").write_text(summary_text(summary, rows), encoding="utf-8")
+    plot_rounds(rows, summary.get("initial") or {}, out / "metrics.png", title=summary["title"])

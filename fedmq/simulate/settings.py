@@ -1,0 +1,213 @@
+"""The aggregator's and the agents' settings for one simulation run.
+
+Both are built as documents and validated by the real loaders (``AggregatorSettings``,
+``edge_agent.config.parse_settings``), so a simulation runs exactly the configuration a
+deployment would, with timings tuned for one machine:
+
+- every simulated device is online before the aggregator starts, and rounds open with
+  at least the fleet minus the devices ``--drop-rate`` removes per round
+  (``min_agents``): round 1 gets everyone, later rounds need not wait for devices that
+  are still rebooting;
+- a device that vanished is not coming back this round: rounds stop waiting for it
+  ``SIM_DROPOUT_GRACE`` after its last will, not the production 5 s meant to ride out
+  a broker restart (a restart fires no will here: see docs/simulate.md);
+- heartbeats are frequent enough to notice a silent agent within seconds, and sparse
+  enough that 1000 agents do not flood the aggregator.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent.config import AgentSettings, parse_settings
+from fedmq.aggregator.config import AggregatorSettings, load_settings
+from fedmq.errors import ConfigError
+from fedmq.simulate.options import SimulationOptions
+from fedmq.simulate.workloads import Workload
+
+SIM_DEADLINE = 60.0  # seconds per round: covers a few local epochs of the shipped models
+SIM_DEADLINE_PER_AGENT = 0.1  # seconds added per agent: 1000 agents upload for a while
+SIM_SETTLE = 0.5  # seconds after start for the fleet's retained statuses to arrive
+# With --drop-rate, round 1 may open below the full fleet once settled: give the
+# retained statuses of a large fleet time to be processed.
+SIM_SETTLE_PER_AGENT = 0.002  # seconds
+SIM_DROPOUT_GRACE = 0.5  # seconds after a last will before a round stops waiting
+SIM_STATUS_INTERVAL = 0.25  # seconds between aggregator status publishes
+SIM_SHUTDOWN_GRACE = 5.0  # seconds to finish storing in-flight updates at the end
+SIM_HEARTBEAT_MIN = 2.0  # seconds between agent heartbeats in small fleets
+SIM_HEARTBEATS_PER_SECOND = 50.0  # fleet-wide status messages per second, at most
+SIM_HEARTBEAT_MAX = 20.0  # seconds: even huge fleets notice a silent agent within a minute
+SIM_ROUND_RETRY = 1.0  # seconds before an agent retries a failed round
+SIM_ACK_TIMEOUT = 15.0  # seconds before an agent re-sends an unacknowledged update
+SIM_DOWNLOAD_TIMEOUT = 120.0  # seconds for one blob download (a busy 1000-agent round)
+
+
+def heartbeat_for(agents: int) -> float:
+    """Agent heartbeat period for a fleet of ``agents``."""
+    return min(SIM_HEARTBEAT_MAX, max(SIM_HEARTBEAT_MIN, agents / SIM_HEARTBEATS_PER_SECOND))
+
+
+def deadline_for(options: SimulationOptions) -> float:
+    """The round deadline: ``--deadline``, else one that grows with the fleet."""
+    if options.deadline_s is not None:
+        return options.deadline_s
+    return SIM_DEADLINE + SIM_DEADLINE_PER_AGENT * options.agents
+
+
+def min_agents(options: SimulationOptions) -> int:
+    """Agents online before a round opens: the fleet, less those dropped per round."""
+    return options.agents - options.victims(options.agents)
+
+
+def settle_for(options: SimulationOptions) -> float:
+    """Seconds the aggregator waits for retained statuses before opening round 1."""
+    if options.drop_rate <= 0:
+        return SIM_SETTLE  # min_agents is the whole fleet: round 1 waits for everyone
+    return SIM_SETTLE + SIM_SETTLE_PER_AGENT * options.agents
+
+
+def check_environment(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse ``FEDMQ_*`` variables: the settings sources would apply them to every part.
+
+    Raises:
+        ConfigError: naming the variables.
+    """
+    found = sorted(name for name in environ if name.startswith("FEDMQ_"))
+    if found:
+        raise ConfigError(
+            f"unset {', '.join(found)}: they override the configuration of every simulated "
+            "agent and the aggregator (set values in the project's files instead)"
+        )
+
+
+def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            merged[key] = _merge(dict(current), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def aggregator_settings(
+    workload: Workload,
+    options: SimulationOptions,
+    *,
+    broker_url: str,
+    protocol: str,
+    state_dir: Path,
+    log_level: str = "INFO",
+) -> AggregatorSettings:
+    """The in-process aggregator's settings.
+
+    Raises:
+        ConfigError: the combination is invalid (e.g. a project quorum above the fleet).
+    """
+    training = _merge(workload.training, options.training.as_dict())
+    overrides: dict[str, Any] = {
+        "federation": workload.federation,
+        "bundle": str(workload.bundle_dir),
+        "state_dir": str(state_dir),
+        "rounds": options.rounds or workload.rounds,
+        "broker": {"url": broker_url, "protocol": protocol, "client_id": None},
+        "training": training,
+        "round": {"deadline_s": deadline_for(options), "min_agents": min_agents(options)},
+        "settle_s": settle_for(options),
+        "heartbeat_s": heartbeat_for(options.agents),
+        "dropout_grace_s": SIM_DROPOUT_GRACE,
+        "status_interval_s": SIM_STATUS_INTERVAL,
+        "shutdown_grace_s": SIM_SHUTDOWN_GRACE,
+        "exit_when_finished": True,
+        "log_level": log_level,
+        "agents": None,  # the simulator names its own devices
+    }
+    if options.codec is not None:
+        overrides["codec"] = options.codec
+    if options.strategy is not None:
+        overrides["strategy"] = {"name": options.strategy}
+    base = workload.aggregator
+    # A project's TLS and credentials are for its real broker, not the simulator's.
+    broker = {k: v for k, v in base.get("broker", {}).items() if k in ("keepalive_s",)}
+    document = _merge({**base, "broker": broker}, overrides)
+    settings = load_settings(None, **document)
+    round_policy = settings.round
+    if settings.mode == "sync" and round_policy.min_updates > options.agents:
+        raise ConfigError(
+            f"the federation needs {round_policy.min_updates} updates per round "
+            f"([round] min_updates) but the simulation has {options.agents} agents"
+        )
+    return settings
+
+
+def agent_settings(
+    workload: Workload,
+    options: SimulationOptions,
+    *,
+    index: int,
+    client: str,
+    broker_url: str,
+    protocol: str,
+    topic_root: str,
+    state_dir: Path,
+    log_level: str = "WARNING",
+) -> AgentSettings:
+    """Settings of simulated agent ``index``, validated by the agent's own loader.
+
+    Raises:
+        ConfigError: the workload's data table is invalid.
+    """
+    document = agent_document(
+        workload,
+        options,
+        index=index,
+        client=client,
+        broker_url=broker_url,
+        protocol=protocol,
+        topic_root=topic_root,
+        state_dir=state_dir,
+        log_level=log_level,
+    )
+    return parse_settings(document, f"simulated agent {client}")
+
+
+def agent_document(
+    workload: Workload,
+    options: SimulationOptions,
+    *,
+    index: int,
+    client: str,
+    broker_url: str,
+    protocol: str,
+    topic_root: str,
+    state_dir: Path,
+    log_level: str = "WARNING",
+) -> dict[str, Any]:
+    """The ``agent.toml`` document of simulated agent ``index``."""
+    return {
+        "client_id": client,
+        "federation": workload.federation,
+        "topic_root": topic_root,
+        "state_dir": str(state_dir),
+        "threads": 1,  # like a device: one core for training, the rest for the plant
+        "heartbeat_s": heartbeat_for(options.agents),
+        "log_level": log_level,
+        "broker": {"url": broker_url, "protocol": protocol},
+        "data": workload.agent_data[index],
+        "limits": {
+            "round_retry_s": SIM_ROUND_RETRY,
+            "download_timeout_s": SIM_DOWNLOAD_TIMEOUT,
+        },
+        "outbox": {"ack_timeout_s": SIM_ACK_TIMEOUT},
+    }
+
+
+def client_ids(count: int) -> list[str]:
+    """``agent-001`` … ids, zero-padded so they sort in order."""
+    width = max(3, math.ceil(math.log10(count + 1)))
+    return [f"agent-{index:0{width}d}" for index in range(count)]

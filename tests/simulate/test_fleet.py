@@ -1,0 +1,82 @@
+"""In-process devices vanish without a goodbye (the broker fires their will) and come back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aiomqtt
+import numpy as np
+import pytest
+
+from edge_agent.config import parse_settings
+from fedmq.broker.mosquitto import MosquittoBroker
+from fedmq.simulate.fleet import InProcessFleet
+from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.wire.control import AgentStatus, decode_control
+from fedmq.wire.topics import Topics
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+async def test_a_crashed_agent_goes_offline_by_its_will_and_a_revived_one_comes_back(
+    broker: MosquittoBroker, federation: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "train.npz", x=np.zeros((4, 64), np.float32), y=np.zeros(4, np.int64))
+    settings = parse_settings(
+        {
+            "client_id": "dev-1",
+            "federation": federation,
+            "state_dir": str(tmp_path / "state"),
+            "heartbeat_s": 30,  # no heartbeat during the test: every status is an event
+            "broker": {"url": broker.url},
+            "data": {"path": str(data)},
+        }
+    )
+    topics = Topics(federation)
+    statuses: list[AgentStatus] = []
+    states: list[str] = []
+
+    async def collect(message: aiomqtt.Message) -> None:
+        if isinstance(message.payload, bytes) and message.payload:
+            status = decode_control(message.payload, AgentStatus)
+            statuses.append(status)
+            states.append(status.state)
+
+    watcher = MqttSession(
+        BrokerSettings(broker.url, f"{federation}-watch", persistent_session=False),
+        subscriptions=[(topics.status("dev-1"), 1)],
+    )
+    watching = asyncio.create_task(watcher.run(collect))
+    fleet = InProcessFleet([settings])
+    try:
+        await watcher.wait_connected(10)
+        await fleet.start()
+        async with asyncio.timeout(10):
+            while "idle" not in states:
+                await asyncio.sleep(0.02)
+        fleet.crash("dev-1")
+        assert not fleet.is_alive("dev-1")
+        async with asyncio.timeout(10):
+            while states[-1] != "offline":
+                await asyncio.sleep(0.02)
+        # The last will: its status was frozen before the agent connected, so it is older
+        # than the agent's first status; a clean shutdown would have sent a fresh one.
+        assert statuses[-1].ts <= statuses[0].ts
+        await fleet.revive("dev-1")
+        assert fleet.is_alive("dev-1")
+        async with asyncio.timeout(10):
+            while states[-1] == "offline":
+                await asyncio.sleep(0.02)
+        assert fleet.statistics()["dev-1"].connections == 1  # a new agent object
+        assert fleet.failures() == []
+    finally:
+        await fleet.stop()
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+    assert states[-1] == "offline"  # the revived agent's clean stop
+    assert statuses[-1].ts > statuses[0].ts
