@@ -422,7 +422,7 @@ async def aggregator_throughput(
     process = serve(serve_config(work, broker, bundle, federation, updates))
     try:
         await fleet.start()
-        await fleet.wait(lambda: any(r.round == 1 for r in fleet.rounds))
+        await fleet.wait(lambda: any(r.round == 1 and r.status == "open" for r in fleet.rounds))
         watch = psutil.Process(process.pid)
         cpu = sum(watch.cpu_times()[:2])
         start = time.perf_counter()
@@ -501,7 +501,7 @@ async def rss_for(
     body = encode_tensors(synthetic_delta(shapes, 2)).data
     try:
         await fleet.start()
-        await fleet.wait(lambda: any(r.round == 1 for r in fleet.rounds))
+        await fleet.wait(lambda: any(r.round == 1 and r.status == "open" for r in fleet.rounds))
         window = asyncio.Semaphore(WINDOW)
 
         async def one(i: int, client: str) -> None:

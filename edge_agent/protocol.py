@@ -71,6 +71,8 @@ def decide_round(
     if announcement.status == "finished":
         return Finished(f"federation {federation!r} finished at round {announcement.round}")
     round_id = announcement.round
+    if announcement.status == "waiting":
+        return Skip(f"round {round_id} is waiting for agents to come online", logging.DEBUG)
     if last_answered is not None and round_id <= last_answered:
         if round_id == last_answered:
             return Skip(f"round {round_id} already answered", logging.DEBUG)

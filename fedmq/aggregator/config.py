@@ -20,6 +20,7 @@ from fedmq.protocol.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
 from fedmq.protocol.policy import (
     DEFAULT_DEADLINE,
     DEFAULT_DEDUPE_ROUNDS,
+    DEFAULT_RECONNECT_SETTLE,
     DEFAULT_SETTLE,
     AsyncPolicy,
     CoordinatorConfig,
@@ -123,6 +124,7 @@ class AggregatorSettings(EnvFirstSettings):
     missed_heartbeats: int = Field(MISSED_HEARTBEATS, ge=1)
     dropout_grace_s: float = Field(DROPOUT_GRACE, ge=0)
     settle_s: float = Field(DEFAULT_SETTLE, ge=0)
+    reconnect_settle_s: float = Field(DEFAULT_RECONNECT_SETTLE, ge=0)
     max_pending_updates: int = Field(DEFAULT_MAX_PENDING, ge=1)
     pending_ttl_s: float = Field(DEFAULT_TTL, gt=0)
     dedupe_rounds: int = Field(DEFAULT_DEDUPE_ROUNDS, ge=1)
@@ -181,6 +183,7 @@ class AggregatorSettings(EnvFirstSettings):
             dropout_grace_s=self.dropout_grace_s,
             agents=frozenset(self.agents) if self.agents is not None else None,
             settle_s=self.settle_s,
+            reconnect_settle_s=self.reconnect_settle_s,
             max_pending_updates=self.max_pending_updates,
             pending_ttl_s=self.pending_ttl_s,
             dedupe_rounds=self.dedupe_rounds,

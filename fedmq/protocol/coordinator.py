@@ -73,6 +73,12 @@ from fedmq.wire.tensors import decode_tensors, encode_tensors
 from fedmq.wire.topics import Topics, UpdateChunkTopic
 
 SNAPSHOT_VERSION = 1
+# What the retained announcement says in each phase ("waiting" addresses no agent).
+ANNOUNCED_STATUS: dict[str, Literal["open", "waiting", "finished"]] = {
+    "waiting": "waiting",
+    "collecting": "open",
+    "finished": "finished",
+}
 
 Params = dict[str, npt.NDArray[Any]]
 
@@ -343,6 +349,9 @@ class Coordinator:
         actions.append(StatusChanged())
         if self._round.phase == "waiting":
             actions.extend(self._try_open(now))
+            if self._round.phase == "waiting":
+                # Replaces whatever announcement a previous run left retained.
+                actions.append(self._announcement_action(now))
         elif self._round.phase == "collecting":
             actions.extend(self._maybe_close(now))
         else:
@@ -351,10 +360,14 @@ class Coordinator:
         return actions
 
     def republish(self, now: float) -> list[Action]:
-        """Everything retained again (after a reconnect: the broker may have lost it)."""
+        """Everything retained again (after a reconnect: the broker may have lost it).
+
+        A reconnect usually means the broker restarted, which fired every agent's last
+        will: dropouts and deadlines are not judged until agents had time to reconnect.
+        """
+        self._not_before = max(self._not_before, now + self.config.reconnect_settle_s)
         actions: list[Action] = [*self.blobs.publish(self.round, again=True)]
-        if self._round.phase != "waiting":
-            actions.append(self._announcement_action(now))
+        actions.append(self._announcement_action(now))
         actions.append(StatusChanged())
         return actions
 
@@ -759,8 +772,10 @@ class Coordinator:
         self.strategy.begin_round(r.number + 1, self.schema.layout)
         actions = self._try_open(now)
         if self._round.phase == "waiting":
-            # Not enough agents online yet: the closed round must still become durable.
-            actions = [SaveState(self.snapshot()), StatusChanged()]
+            # Not enough agents online yet.  Replace the retained announcement of the
+            # round that just closed, or an agent connecting now would train it (and be
+            # rejected as round_closed); this also makes the closed round durable.
+            actions = [*self._announce(now), StatusChanged()]
         actions.append(PruneUpdates(r.number + 1))
         return actions
 
@@ -781,7 +796,7 @@ class Coordinator:
             federation=self.config.federation,
             aggregator=self.config.aggregator_id,
             round=r.number,
-            status="finished" if r.phase == "finished" else "open",
+            status=ANNOUNCED_STATUS.get(r.phase, "open"),
             mode=self.config.mode,
             issued_at=r.opened_at or now,
             deadline=r.deadline or now,

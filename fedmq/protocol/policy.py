@@ -20,6 +20,10 @@ from fedmq.wire.topics import DEFAULT_ROOT
 
 DEFAULT_DEADLINE = 300.0  # seconds: a few local epochs on an edge CPU plus upload
 DEFAULT_SETTLE = 2.0  # seconds after (re)start for retained agent statuses to arrive
+# Seconds after the aggregator's own reconnect before anyone counts as gone: a broker
+# restart fires every agent's last will at once, and agents reconnect with a jittered
+# backoff that has grown to ~1.6 s after three failed attempts.
+DEFAULT_RECONNECT_SETTLE = 5.0
 DEFAULT_DEDUPE_ROUNDS = 8  # closed rounds whose update ids are remembered for duplicates
 
 LateUpdates = Literal["drop", "fold"]
@@ -139,6 +143,8 @@ class CoordinatorConfig:
             a round stops waiting for it (a broker restart fires every last will).
         agents: allow list of agent ids (None: any agent that posts a status).
         settle_s: wait after (re)start before opening a round, for retained statuses.
+        reconnect_settle_s: after our own reconnect, wait this long before judging
+            dropouts and deadlines (agents are reconnecting too).
         max_pending_updates: updates in reassembly at once.
         pending_ttl_s: idle seconds before a partial update is dropped.
         dedupe_rounds: closed rounds whose update ids still get ``duplicate`` acks.
@@ -160,6 +166,7 @@ class CoordinatorConfig:
     dropout_grace_s: float = DROPOUT_GRACE
     agents: frozenset[str] | None = None
     settle_s: float = DEFAULT_SETTLE
+    reconnect_settle_s: float = DEFAULT_RECONNECT_SETTLE
     max_pending_updates: int = DEFAULT_MAX_PENDING
     pending_ttl_s: float = DEFAULT_TTL
     dedupe_rounds: int = DEFAULT_DEDUPE_ROUNDS
@@ -175,6 +182,8 @@ class CoordinatorConfig:
             raise ConfigError(f"dropout_grace_s {self.dropout_grace_s} must be >= 0")
         if self.settle_s < 0:
             raise ConfigError(f"settle_s {self.settle_s} must be >= 0")
+        if self.reconnect_settle_s < 0:
+            raise ConfigError(f"reconnect_settle_s {self.reconnect_settle_s} must be >= 0")
 
     @property
     def max_staleness(self) -> int:

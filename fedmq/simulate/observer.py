@@ -158,8 +158,9 @@ class Observer:
             except DecodeError as exc:
                 log.warning("observer: malformed announcement: %s", exc)
                 return
-            self.announcements[announcement.round] = announcement
-            self.announcement_bytes[announcement.round] = len(payload)
+            if announcement.status != "waiting":  # a waiting round is announced again
+                self.announcements[announcement.round] = announcement
+                self.announcement_bytes[announcement.round] = len(payload)
             if self._on_announcement is not None:
                 self._on_announcement(announcement)
 

@@ -16,7 +16,7 @@ import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -189,6 +189,8 @@ class MqttSession:
         self._on_connect = on_connect
         self._backoff = backoff or Backoff()
         self._max_queued_incoming = max_queued_incoming
+        self._control_tasks: set[asyncio.Task[None]] = set()
+        self._unsubscribing: set[str] = set()  # unsubscribes not acknowledged yet
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self.connections = 0  # successful connects so far (1 after the first)
@@ -282,13 +284,18 @@ class MqttSession:
             finally:
                 self._connected.clear()
                 self._client = None
+                for task in self._control_tasks:
+                    task.cancel()  # acks that can no longer come
             await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
         self._client = client
         client.timeout = CONNECT_TIMEOUT
-        for topic_filter, qos in self._subscriptions.items():
+        # Copies: other tasks may (un)subscribe while we await the acks.
+        for topic_filter, qos in list(self._subscriptions.items()):
             await client.subscribe(topic_filter, qos)
+        for topic_filter in list(self._unsubscribing):
+            self._send_unsubscribe(topic_filter)
         self.connections += 1
         self.last_error = None
         self._backoff.reset()
@@ -356,17 +363,54 @@ class MqttSession:
                 sock.shutdown(socket.SHUT_RDWR)
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe now (if connected) and after every reconnect."""
+        """Subscribe now (if connected) and after every reconnect.
+
+        Returns once the SUBSCRIBE is on its way, without waiting for the broker's
+        SUBACK (see :meth:`_send_control`).
+        """
         self._subscriptions[topic_filter] = qos
-        client = self._client
-        if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):  # resubscribed on reconnect
-                await client.subscribe(topic_filter, qos)
+        self._unsubscribing.discard(topic_filter)
+        self._send_control(lambda client: client.subscribe(topic_filter, qos))
 
     async def unsubscribe(self, topic_filter: str) -> None:
-        """Stop receiving ``topic_filter`` (now and after reconnects)."""
+        """Stop receiving ``topic_filter`` (now and after reconnects), without waiting.
+
+        A persistent session keeps subscriptions across reconnects, so an unsubscribe
+        the broker never acknowledged is sent again after the next reconnect.
+        """
         self._subscriptions.pop(topic_filter, None)
+        self._unsubscribing.add(topic_filter)
+        self._send_unsubscribe(topic_filter)
+
+    def _send_unsubscribe(self, topic_filter: str) -> None:
+        def done() -> None:
+            self._unsubscribing.discard(topic_filter)
+
+        self._send_control(lambda client: client.unsubscribe(topic_filter), on_ack=done)
+
+    def _send_control(
+        self,
+        call: Callable[[aiomqtt.Client], Awaitable[Any]],
+        on_ack: Callable[[], None] | None = None,
+    ) -> None:
+        # Message handlers (de)subscribe, e.g. when a blob completes.  Awaiting the ack
+        # there would stall the receive loop for aiomqtt's whole timeout if the
+        # connection dropped in between, because a stalled loop cannot notice the drop.
+        # Order is kept (tasks start in creation order, and the packet leaves in the
+        # task's first step); a lost (un)subscribe is redone by the resubscription after
+        # the reconnect.
         client = self._client
-        if client is not None:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.unsubscribe(topic_filter)
+        if client is None:
+            return
+        task = asyncio.create_task(self._await_ack(call(client), on_ack))
+        self._control_tasks.add(task)
+        task.add_done_callback(self._control_tasks.discard)
+
+    @staticmethod
+    async def _await_ack(pending: Awaitable[Any], on_ack: Callable[[], None] | None) -> None:
+        try:
+            await pending
+        except aiomqtt.MqttError:
+            return
+        if on_ack is not None:
+            on_ack()

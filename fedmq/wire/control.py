@@ -58,8 +58,9 @@ class ControlMessage(BaseModel):
 class RoundAnnouncement(ControlMessage):
     """The current round of a federation, retained on ``…/round``.
 
-    ``status`` is ``open`` while updates are collected and ``finished`` once the
-    federation has run its last round (agents then go idle).  ``signature`` is reserved
+    ``status`` is ``open`` while updates are collected, ``waiting`` while the round
+    waits for enough agents to come online (it addresses nobody yet), and ``finished``
+    once the federation has run its last round (agents then go idle).  ``signature`` is reserved
     for the aggregator's Ed25519 signature over the other fields.
     """
 
@@ -68,7 +69,7 @@ class RoundAnnouncement(ControlMessage):
     federation: Identifier
     aggregator: Identifier
     round: RoundNumber
-    status: Literal["open", "finished"] = "open"
+    status: Literal["open", "waiting", "finished"] = "open"
     mode: Literal["sync", "async"] = "sync"
     issued_at: Timestamp
     deadline: Timestamp = Field(description="unix time after which updates may be dropped")

@@ -42,15 +42,39 @@ def test_a_round_waits_for_enough_agents_then_announces() -> None:
     harness = Harness.create(config(sync=SyncPolicy(min_agents=2)))
     assert harness.coordinator.phase == "waiting"
     harness.online("a")
-    assert harness.announcements() == []
+    # Retained from the start: round 1 waits, which addresses nobody (it replaces any
+    # announcement an earlier run left on the broker).
+    [waiting] = harness.announcements()
+    assert (waiting.round, waiting.status) == (1, "waiting")
+    assert not waiting.addresses("a")
     harness.online("b")
-    [announcement] = harness.announcements()
+    waiting_again, announcement = harness.announcements()
+    assert waiting_again == waiting
+    assert announcement.status == "open"
     assert announcement.round == 1
     assert announcement.selected == ["a", "b"]
     assert announcement.deadline == T0 + 300
     assert announcement.params.sha256 == harness.blobs[-1].ref.sha256 or any(
         b.ref == announcement.params for b in harness.blobs
     )
+
+
+def test_a_closed_round_is_not_left_announced_while_the_next_one_waits() -> None:
+    harness = Harness.create(config(sync=SyncPolicy(min_agents=3, min_updates=2)))
+    harness.online("a", "b", "c")
+    harness.update("a", 1, delta(1))
+    harness.update("b", 1, delta(2))
+    harness.status("c", "offline")  # its last will: round 1 stops waiting for it
+    harness.advance(5.0)
+    assert [c.reason for c in harness.closed] == ["dropouts"]
+    latest = harness.announcements()[-1]
+    # Two agents online, three needed: round 2 waits.  An agent connecting now must
+    # not find round 1 still announced: it no longer takes updates.
+    assert (latest.round, latest.status) == (2, "waiting")
+    assert not latest.addresses("a")
+    assert latest.params.sha256 != harness.announcements()[0].params.sha256  # new model
+    harness.online("c")
+    assert harness.announcements()[-1].status == "open"
 
 
 def test_the_first_round_waits_for_the_settle_period() -> None:
@@ -112,6 +136,36 @@ def test_an_agent_gone_offline_is_not_waited_for() -> None:
     assert harness.timer == harness.now + 5.0  # the dropout grace
     harness.advance(5.0)
     assert [(c.outcome, c.reason) for c in harness.closed] == [("closed", "dropouts")]
+
+
+def test_after_our_reconnect_a_wave_of_last_wills_does_not_close_the_round() -> None:
+    # A broker restart fires every agent's last will; agents reconnect with a backoff
+    # that can exceed a short dropout grace.
+    harness = Harness.create(
+        config(dropout_grace_s=0.5, reconnect_settle_s=5.0, sync=SyncPolicy(min_agents=3))
+    )
+    harness.online("a", "b", "c")
+    harness.update("a", 1, delta(1))
+    harness.update("b", 1, delta(2))
+    harness.run(harness.coordinator.republish(harness.now))  # we reconnected
+    harness.status("c", "offline")
+    harness.advance(4.0)  # far past the grace, still within the reconnect settle
+    assert harness.closed == []
+    harness.online("c")
+    harness.update("c", 1, delta(3))
+    assert [c.reason for c in harness.closed] == ["target"]
+
+
+def test_without_a_reconnect_the_dropout_grace_alone_applies() -> None:
+    harness = Harness.create(
+        config(dropout_grace_s=0.5, reconnect_settle_s=5.0, sync=SyncPolicy(min_agents=3))
+    )
+    harness.online("a", "b", "c")
+    harness.update("a", 1, delta(1))
+    harness.update("b", 1, delta(2))
+    harness.status("c", "offline")
+    harness.advance(1.0)
+    assert [c.reason for c in harness.closed] == ["dropouts"]
 
 
 def test_an_agent_back_within_the_grace_is_still_waited_for() -> None:

@@ -13,6 +13,7 @@ import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import ConfigError, TransportError
+from fedmq.timeouts import within
 from fedmq.transport.mqtt import Backoff, BrokerAddress, BrokerSettings, MqttSession
 
 pytestmark = [pytest.mark.broker]
@@ -95,6 +96,50 @@ async def test_cancel_stops_the_session_even_when_the_broker_hangs(
             publish.cancel()
         await asyncio.gather(*stuck, return_exceptions=True)
     assert not session.is_connected
+
+
+async def test_subscribing_never_waits_for_an_unresponsive_broker(
+    make_broker: Callable[..., MosquittoBroker], federation: str
+) -> None:
+    # Handlers (un)subscribe, e.g. when a blob completes; waiting there for an ack that
+    # never comes would stall the receive loop, which then cannot notice the drop.
+    broker = make_broker()
+    received: list[str] = []
+
+    async def collect(message: aiomqtt.Message) -> None:
+        received.append(message.topic.value)
+
+    session = MqttSession(
+        BrokerSettings(broker.url, f"{federation}-u"), subscriptions=[(f"{federation}/a", 1)]
+    )
+    sender = MqttSession(BrokerSettings(broker.url, f"{federation}-p"))
+    tasks = [asyncio.create_task(session.run(collect)), asyncio.create_task(sender.run(collect))]
+    try:
+        await session.wait_connected(10)
+        await sender.wait_connected(10)
+        pid = broker.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await within(session.unsubscribe(f"{federation}/a"), 1.0)
+            await within(session.subscribe(f"{federation}/b", 1), 1.0)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # Once the broker answers again, both take effect.  (Give it a moment: it may
+        # read the other client's publish before this client's queued packets.)
+        await asyncio.sleep(0.3)
+        await sender.publish(f"{federation}/a", b"1")
+        await sender.publish(f"{federation}/b", b"2")
+        for _ in range(100):
+            if received:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert received == [f"{federation}/b"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def test_publish_without_a_broker_times_out_with_a_transport_error() -> None:
