@@ -72,6 +72,7 @@ def decide(ann: RoundAnnouncement, last: int | None = None, working: int | None 
         pytest.param(announcement(selected=["a", "b"]), None, None, Skip, id="not-selected"),
         pytest.param(announcement(selected=["dev"]), None, None, Train, id="selected"),
         pytest.param(announcement(status="finished"), None, 5, Finished, id="finished"),
+        pytest.param(announcement(status="waiting"), None, None, Skip, id="waiting"),
         pytest.param(
             announcement(status="finished", federation="x"), None, None, Skip, id="finished-other"
         ),
