@@ -67,6 +67,8 @@ class EmbeddedBroker(BrokerProcess):
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # One prctl call, set only by the simulator, which starts brokers first.
+                preexec_fn=self.preexec,  # noqa: PLW1509
             )
         if not self._wait_ready(START_TIMEOUT * 3):  # Python start-up plus amqtt's imports
             self.stop()

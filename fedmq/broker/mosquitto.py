@@ -136,6 +136,8 @@ class MosquittoBroker(BrokerProcess):
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,  # a Ctrl-C in a terminal is ours to forward
+                # One prctl call, set only by the simulator, which starts brokers first.
+                preexec_fn=self.preexec,  # noqa: PLW1509
             )
             if self._wait_ready(START_TIMEOUT):
                 return

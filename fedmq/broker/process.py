@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import ctypes
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
@@ -15,6 +18,29 @@ from typing import Literal, Self
 START_TIMEOUT = 10.0  # seconds: mosquitto binds within ~50 ms; slow CI disks need margin
 STOP_TIMEOUT = 5.0  # seconds: SIGTERM lets a broker write its persistence file first
 PROBE_INTERVAL = 0.02  # seconds between readiness probes
+
+
+_PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+
+
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGKILL when we die (Linux only; else None).
+
+    Without it, a simulator killed with ``kill -9`` would leave its broker and agents
+    running.  The libc function is looked up here, in the parent, so the child only
+    makes the system call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return preexec
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,6 +64,8 @@ class BrokerProcess(abc.ABC):
         self._host = host
         self.state_dir = state_dir
         self._process: subprocess.Popen[bytes] | None = None
+        # Set to die_with_parent() when nothing else would stop the broker if we crash.
+        self.preexec: Callable[[], None] | None = None
 
     @property
     def host(self) -> str:

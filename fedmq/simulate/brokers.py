@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fedmq.broker.embedded import EmbeddedBroker, amqtt_available
 from fedmq.broker.mosquitto import MosquittoBroker, MosquittoConfig, find_mosquitto
-from fedmq.broker.process import BrokerProcess
+from fedmq.broker.process import BrokerProcess, die_with_parent
 from fedmq.errors import ConfigError
 from fedmq.simulate.options import BrokerChoice
 
@@ -60,6 +60,10 @@ def plan_broker(choice: BrokerChoice) -> BrokerPlan:
 def make_broker(plan: BrokerPlan, state_dir: Path) -> BrokerProcess:
     """The (not yet started) broker process for ``plan``, keeping its files in ``state_dir``."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    broker: BrokerProcess
     if plan.kind == "mosquitto":
-        return MosquittoBroker(MosquittoConfig(), state_dir)
-    return EmbeddedBroker(log_dir=state_dir)
+        broker = MosquittoBroker(MosquittoConfig(), state_dir)
+    else:
+        broker = EmbeddedBroker(log_dir=state_dir)
+    broker.preexec = die_with_parent()  # a simulator killed with -9 takes its broker along
+    return broker

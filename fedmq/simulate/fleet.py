@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -33,6 +32,7 @@ from typing import Any, Protocol, TypeVar
 from edge_agent.config import AgentSettings
 from edge_agent.daemon import TRAIN_THREAD_PREFIX, Agent, AgentStatistics
 from edge_agent.training import RoundOutput
+from fedmq.broker.process import die_with_parent
 from fedmq.simulate.errors import SimulationError
 
 log = logging.getLogger(__name__)
@@ -296,26 +296,6 @@ async def _cancel_and_wait(task: asyncio.Task[None]) -> None:
         log.warning("%s needed %d cancellations to stop", task.get_name(), attempts)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGKILL when we die (Linux only).
-
-    Without it, a simulator killed with ``kill -9`` would leave its agents running.
-    The libc function is looked up here, in the parent, so the child only makes the
-    system call.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-    return preexec
-
-
 @dataclass
 class _Process:
     config: Path
@@ -338,7 +318,7 @@ class ProcessFleet:
             client: _Process(config, log_dir / f"{client}.log")
             for client, config in configs.items()
         }
-        self._preexec = _die_with_parent()
+        self._preexec = die_with_parent()
 
     @property
     def clients(self) -> Sequence[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,36 @@ def test_ctrl_c_stops_every_process_it_started(tmp_path: Path) -> None:
     assert run.returncode == 130, run.stderr
     assert "interrupted" in run.stderr
     assert len(run.children) >= 4  # the broker and three agents
+    assert alive(run.children) == []
+
+
+def test_a_simulator_killed_with_sigkill_takes_its_children_along(tmp_path: Path) -> None:
+    def kill(process: subprocess.Popen[str]) -> None:
+        process.send_signal(signal.SIGKILL)
+
+    run = run_watching(
+        cli(
+            "simulate",
+            "--agents",
+            "2",
+            "--rounds",
+            "1000",
+            "--processes",
+            "--broker",
+            "mosquitto",
+            "--out",
+            str(tmp_path / "killed"),
+        ),
+        timeout=120,
+        when=lambda line: "round 1/1000 closed" in line,
+        then=kill,
+    )
+    assert run.returncode == -signal.SIGKILL
+    assert len(run.children) >= 3  # the broker and two agents
+    for _ in range(100):  # the kernel delivers the death signals asynchronously
+        if not alive(run.children):
+            break
+        time.sleep(0.05)
     assert alive(run.children) == []
 
 
