@@ -21,9 +21,9 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 
+import fedmq
 from edge_agent.config import AgentSettings, load_settings
 from edge_agent.daemon import TRAIN_THREAD_PREFIX, Agent
 from edge_agent.data import resolve_entry_point
@@ -38,10 +38,7 @@ log = logging.getLogger("edge_agent")
 
 
 def _version() -> str:
-    try:
-        return metadata.version("fedmq")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return fedmq.__version__
 
 
 def _parser() -> argparse.ArgumentParser:

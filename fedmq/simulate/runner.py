@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import fedmq
 from fedmq.aggregator.config import AggregatorSettings
 from fedmq.aggregator.export import export_onnx
 from fedmq.aggregator.service import AggregatorService
@@ -124,10 +124,7 @@ def require_packages(options: SimulationOptions) -> None:
 
 
 def _version() -> str:
-    try:
-        return metadata.version("fedmq")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return fedmq.__version__
 
 
 class Simulation:
