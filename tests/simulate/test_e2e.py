@@ -96,8 +96,15 @@ async def test_killing_a_third_of_the_agents_mid_round_closes_every_round_by_its
         assert record.outcome == "closed"
         assert record.closed_at < record.deadline  # closed by, indeed well before, the deadline
         assert not record.extended
-        assert record.reason == "dropouts"
-        assert {c.client for c in record.contributions} == set(record.selected) - set(victims)
+        contributors = {c.client for c in record.contributions}
+        survivors = set(record.selected) - set(victims)
+        # The kill -9 races the announcement: a victim quick enough to upload before it
+        # dies has contributed, and then the round may close on its target instead.
+        assert survivors <= contributors <= set(record.selected)
+        if contributors == survivors:
+            assert record.reason == "dropouts"
+        else:
+            assert record.reason == "target"
     assert len(records[0].selected or ()) == 6  # round 1: the whole fleet, a third killed
     assert len(simulation.dropped[1]) == 2
     assert [row.dropped_agents for row in result.rows] == [
