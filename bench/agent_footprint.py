@@ -32,13 +32,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle.bundle import Bundle
-from fedmq.runtime.config import TrainingConfig
 from fedmq.transport.blobs import publish_blob
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.blobs import blob_ref
@@ -46,6 +45,7 @@ from fedmq.wire.chunks import decode_chunk
 from fedmq.wire.control import RoundAnnouncement, encode_control
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import Topics, UpdateChunkTopic
+from fedmq.wire.training import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_TARGET_MB = 150
@@ -172,8 +172,8 @@ async def round_rss(
     )
     done = asyncio.Event()
 
-    async def handle(message: aiomqtt.Message) -> None:
-        parsed = topics.parse(message.topic.value)
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
         if isinstance(parsed, UpdateChunkTopic):
             chunk = decode_chunk(message.payload)
             if chunk.header.index == chunk.header.blob.count - 1:

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 import onnx
 import psutil
@@ -48,6 +47,7 @@ from fedmq.bundle.parameters import write_parameters
 from fedmq.strategies import CoordinateMedian, Krum, TrimmedMean, WeightedMean
 from fedmq.strategies.base import ModelLayout
 from fedmq.transport.blobs import publish_chunks
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.chunks import encode_blob_chunks
@@ -222,8 +222,8 @@ class Fleet:
         self.changed = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        parsed = self.topics.parse(message.topic.value)
+    async def _handle(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
         payload = message.payload
         assert isinstance(payload, bytes | bytearray)
         if isinstance(parsed, AckTopic):
@@ -322,7 +322,7 @@ async def raw_throughput(broker: MosquittoBroker, messages: list[bytes]) -> tupl
     topic = f"bench/{uuid.uuid4().hex}"
     done = asyncio.Event()
 
-    async def handle(_message: aiomqtt.Message) -> None:
+    async def handle(_message: Message) -> None:
         done.set()
 
     receiver = subprocess.Popen(

@@ -35,11 +35,11 @@ from typing import Any
 
 from fedmq.bundle import Bundle
 from fedmq.datasets.digits import load_digits_split
-from fedmq.runtime.config import TrainingConfig
 from fedmq.runtime.trainer import Trainer
 from fedmq.simulate import Simulation, SimulationOptions, SimulationResult, TrainingOverrides
 from fedmq.simulate.options import parse_partition
 from fedmq.simulate.workloads import BUILTIN_TRAINING, builtin_bundle_dir
+from fedmq.wire.training import TrainingConfig
 
 
 @dataclass

@@ -104,7 +104,8 @@ def data(shape: tuple[int, ...], classes: int, steps: int) -> tuple[np.ndarray, 
 
 def time_onnxruntime(bundle_dir: Path, shape: tuple[int, ...], classes: int, steps: int) -> float:
     from fedmq.bundle import Bundle
-    from fedmq.runtime import Trainer, TrainingConfig
+    from fedmq.runtime import Trainer
+    from fedmq.wire.training import TrainingConfig
 
     bundle = Bundle.load(bundle_dir)
     trainer = Trainer(bundle, threads=1)
@@ -157,7 +158,8 @@ def rss_child(kind: str, bundle_dir: str) -> None:
     shape, classes = MODELS["CNN 28x28"][1:]
     if kind == "onnxruntime":
         from fedmq.bundle import Bundle
-        from fedmq.runtime import Trainer, TrainingConfig
+        from fedmq.runtime import Trainer
+        from fedmq.wire.training import TrainingConfig
 
         imported = peak_rss_mib()
         bundle = Bundle.load(bundle_dir)

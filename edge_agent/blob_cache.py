@@ -17,10 +17,10 @@ import logging
 import os
 from pathlib import Path
 
+from fedmq.buffers import Buffer
 from fedmq.durable_files import TMP_SUFFIX, remove_tree, write_file
 from fedmq.errors import IntegrityError, LimitExceededError, MalformedMessageError
 from fedmq.wire.blobs import BlobRef, sha256_hex
-from fedmq.wire.framing import Buffer
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 
 log = logging.getLogger(__name__)

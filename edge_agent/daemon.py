@@ -25,12 +25,9 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiomqtt
-
 from edge_agent.blob_cache import BlobCache
 from edge_agent.config import AgentSettings
-from edge_agent.outbox import OutboxEntry
-from edge_agent.protocol import (
+from edge_agent.decisions import (
     Finished,
     IgnoreAck,
     SendRecord,
@@ -40,6 +37,7 @@ from edge_agent.protocol import (
     decide_round,
     outbox_action,
 )
+from edge_agent.outbox import OutboxEntry
 from edge_agent.state import StateDir
 from edge_agent.status import StatusBoard
 from edge_agent.systemd import Notifier
@@ -62,6 +60,7 @@ from fedmq.errors import (
 )
 from fedmq.timeouts import wait_event, within
 from fedmq.transport.blobs import BlobReceiver, publish_chunks
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import Ack, AgentState, RoundAnnouncement, decode_control, encode_control
@@ -329,8 +328,8 @@ class Agent:
 
     # -- incoming messages ------------------------------------------------------------
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
+    async def _handle(self, message: Message) -> None:
+        topic = message.topic
         payload = message.payload
         try:
             parsed = self.topics.parse(topic)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fedmq.buffers import Buffer
 from fedmq.durable_files import fsync_dir, remove_tree, write_file
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import RoundNumber
-from fedmq.wire.framing import Buffer
 from fedmq.wire.ids import Identifier
 
 log = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from edge_agent.outbox import Outbox, OutboxEntry, Residual
+from fedmq.buffers import Buffer
 from fedmq.durable_files import fsync_dir, lock_directory, write_file
 from fedmq.errors import ConfigError, DecodeError
 from fedmq.wire.control import RoundNumber
-from fedmq.wire.framing import Buffer
 from fedmq.wire.tensor_codecs import RAW
 from fedmq.wire.tensors import NO_COMPRESSION, decode_tensors, encode_tensors
 

@@ -20,10 +20,10 @@ import numpy.typing as npt
 
 from fedmq.bundle.manifest import Manifest
 from fedmq.errors import LocalProtocolError, TrainingError
-from fedmq.runtime.config import TrainingConfig
 from fedmq.wire.blobs import BlobRef, blob_ref
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import encode_tensors
+from fedmq.wire.training import TrainingConfig
 from fedmq.wire.update import UpdateMeta, encode_update
 
 Array = npt.NDArray[Any]

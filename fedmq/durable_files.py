@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from fedmq.wire.framing import Buffer
+from fedmq.buffers import Buffer
 
 TMP_SUFFIX = ".tmp"
 LOCK_FILE = "LOCK"

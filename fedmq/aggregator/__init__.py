@@ -1,4 +1,4 @@
-"""The aggregator service (``fedmq serve``): the IO shell around :mod:`fedmq.protocol`.
+"""The aggregator service (``fedmq serve``): the IO shell around :mod:`fedmq.coordinator`.
 
 - :mod:`~fedmq.aggregator.config`: ``federation.toml`` + ``FEDMQ_*`` environment.
 - :mod:`~fedmq.aggregator.store`: the crash-safe state directory.

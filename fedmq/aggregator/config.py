@@ -15,9 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
-from fedmq.errors import ConfigError, LocalProtocolError
-from fedmq.protocol.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
-from fedmq.protocol.policy import (
+from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
+from fedmq.coordinator.policy import (
     DEFAULT_DEADLINE,
     DEFAULT_DEDUPE_ROUNDS,
     DEFAULT_RECONNECT_SETTLE,
@@ -27,9 +26,9 @@ from fedmq.protocol.policy import (
     SyncPolicy,
     TargetMetric,
 )
-from fedmq.protocol.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
-from fedmq.protocol.selection import SelectAll, SelectFraction, Selection, SelectList
-from fedmq.runtime.config import TrainingConfig
+from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
+from fedmq.coordinator.selection import SelectAll, SelectFraction, Selection, SelectList
+from fedmq.errors import ConfigError, LocalProtocolError
 from fedmq.strategies.config import StrategyConfig, build_strategy
 from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection, BrokerUrl
 from fedmq.transport.mqtt import BrokerSettings
@@ -37,6 +36,7 @@ from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.wire.control import CodecText
 from fedmq.wire.ids import Identifier, TopicRoot
 from fedmq.wire.topics import DEFAULT_ROOT
+from fedmq.wire.training import TrainingConfig
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
 STATUS_INTERVAL = 0.5  # seconds: coalesce status publishes during bursts of updates

@@ -29,14 +29,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import aiomqtt
-
 from fedmq.aggregator.config import AggregatorSettings
 from fedmq.aggregator.memory import trim_heap
 from fedmq.aggregator.store import StateStore
 from fedmq.bundle import Bundle
-from fedmq.errors import DecodeError, InvalidTopicError, StateError, TransportError
-from fedmq.protocol.actions import (
+from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
     ClearBlob,
@@ -55,19 +52,21 @@ from fedmq.protocol.actions import (
     Ticket,
     VerifyUpdate,
 )
-from fedmq.protocol.coordinator import Coordinator
-from fedmq.protocol.policy import CoordinatorConfig
-from fedmq.protocol.validation import (
+from fedmq.coordinator.coordinator import Coordinator
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.validation import (
     UpdateKey,
     UpdateRejection,
     UpdateSchema,
     verify_assembled,
     verify_update,
 )
+from fedmq.errors import DecodeError, InvalidTopicError, StateError, TransportError
 from fedmq.strategies.config import build_strategy
 from fedmq.strategies.strategy import Strategy
 from fedmq.timeouts import wait_event, within
 from fedmq.transport.blobs import clear_blob, publish_blob
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.control import AgentStatus, AggregatorStatus, decode_control, encode_control
@@ -327,13 +326,12 @@ class AggregatorService:
         async with self._lock:
             await self._apply(self.coordinator.republish(self.clock()))
 
-    async def _on_message(self, message: aiomqtt.Message) -> None:
+    async def _on_message(self, message: Message) -> None:
         if not self._started.is_set():
             await self._started.wait()
         coordinator = self.coordinator
-        topic = message.topic.value
-        raw = message.payload
-        payload = raw if isinstance(raw, bytes | bytearray) else b""
+        topic = message.topic
+        payload = message.payload
         try:
             parsed = coordinator.topics.parse(topic)
         except InvalidTopicError as exc:

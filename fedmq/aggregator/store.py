@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmq.buffers import Buffer
+from fedmq.coordinator.actions import Ticket
+from fedmq.coordinator.records import RoundRecord
 from fedmq.durable_files import TMP_SUFFIX, fsync_dir, lock_directory, temp_path
 from fedmq.errors import StateError
-from fedmq.protocol.actions import Ticket
-from fedmq.protocol.records import RoundRecord
-from fedmq.wire.framing import Buffer
 
 STATE_FILE = "state.json"
 _ROUND_DIGITS = 6

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.runtime.config import TrainingConfig
+from fedmq.wire.training import TrainingConfig
 
 FloatArray = npt.NDArray[np.float32]
 

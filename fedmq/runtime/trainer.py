@@ -30,12 +30,12 @@ from fedmq.bundle.manifest import (
 )
 from fedmq.errors import TrainingCancelled, TrainingError
 from fedmq.runtime.batching import batch_indices, steps_per_epoch
-from fedmq.runtime.config import TrainingConfig
 from fedmq.runtime.dropout import dropout_mask
 from fedmq.runtime.flat import FlatTensors
 from fedmq.runtime.metrics import correct_fraction, per_example_loss
 from fedmq.runtime.optim import clip_by_global_norm, make_optimizer
 from fedmq.runtime.session import check_io, open_session
+from fedmq.wire.training import TrainingConfig
 
 FloatArray = npt.NDArray[np.float32]
 AnyArray = npt.NDArray[np.generic]

@@ -24,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiomqtt
-
 from fedmq.errors import DecodeError, IntegrityError, InvalidTopicError
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.blobs import BlobAssembler
 from fedmq.wire.chunks import decode_chunk
@@ -134,11 +133,10 @@ class Observer:
             earlier |= self.rounds[number].uploaders
         return len(self.rounds[round_id].uploaders - earlier)
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        raw = message.payload
-        payload = bytes(raw) if isinstance(raw, bytes | bytearray) else b""
+    async def _handle(self, message: Message) -> None:
+        payload = message.payload
         try:
-            parsed = self.topics.parse(message.topic.value)
+            parsed = self.topics.parse(message.topic)
         except InvalidTopicError:
             return
         if isinstance(parsed, UpdateChunkTopic):

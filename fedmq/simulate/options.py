@@ -14,9 +14,9 @@ from typing import Literal, get_args
 
 from fedmq.datasets.partition import PartitionSpec
 from fedmq.errors import ConfigError, LocalProtocolError, UnsupportedCodecError
-from fedmq.runtime.config import OptimizerName
 from fedmq.strategies.config import StrategyName
 from fedmq.wire.tensor_codecs import CodecSpec
+from fedmq.wire.training import OptimizerName
 
 ModelName = Literal["digits_mlp", "digits_cnn", "sensor_autoencoder"]
 BrokerChoice = Literal["auto", "mosquitto", "embedded"]

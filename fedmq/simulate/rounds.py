@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from fedmq.protocol.records import RoundRecord
+from fedmq.coordinator.records import RoundRecord
 from fedmq.simulate.observer import Observer
 
 TEST_METRICS = ("test_loss", "test_accuracy", "test_auroc", "test_mse")

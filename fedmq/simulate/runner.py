@@ -39,8 +39,8 @@ from fedmq.aggregator.export import export_onnx
 from fedmq.aggregator.service import AggregatorService
 from fedmq.aggregator.store import read_records
 from fedmq.broker.process import BrokerProcess
+from fedmq.coordinator.records import RoundRecord
 from fedmq.errors import ConfigError, FedmqError, StateError, TrainingError
-from fedmq.protocol.records import RoundRecord
 from fedmq.simulate.brokers import BrokerPlan, make_broker, plan_broker
 from fedmq.simulate.errors import SimulationError
 from fedmq.simulate.fleet import Fleet, InProcessFleet, ProcessFleet

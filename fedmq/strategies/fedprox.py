@@ -2,14 +2,14 @@
 
 The server side of FedProx is FedAvg; what changes is the local objective, which adds
 ``mu / 2 * ||w - w_global||**2``.  The aggregator sends ``mu`` to the agents in the round's
-:class:`~fedmq.runtime.config.TrainingConfig` (``prox_mu``); the device runtime adds the
+:class:`~fedmq.wire.training.TrainingConfig` (``prox_mu``); the device runtime adds the
 term's gradient ``mu * (w - w_global)`` to every step.
 """
 
 from __future__ import annotations
 
 from fedmq.errors import LocalProtocolError
-from fedmq.runtime.config import TrainingConfig
+from fedmq.wire.training import TrainingConfig
 
 
 def with_prox_mu(training: TrainingConfig, mu: float) -> TrainingConfig:

@@ -18,11 +18,11 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import LocalProtocolError
-from fedmq.runtime.config import TrainingConfig
 from fedmq.strategies.base import Aggregator, Array, ModelLayout, ServerOptimizer, TensorMap
 from fedmq.strategies.central_dp import GaussianNoise
 from fedmq.strategies.clipping import clip_update
 from fedmq.strategies.fedprox import with_prox_mu
+from fedmq.wire.training import TrainingConfig
 
 
 class Strategy:

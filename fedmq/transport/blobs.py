@@ -7,14 +7,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
-import aiomqtt
-
+from fedmq.buffers import Buffer
 from fedmq.errors import DecodeError, IntegrityError, TransportError
 from fedmq.timeouts import within
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import BlobAssembler, BlobRef
 from fedmq.wire.chunks import ChunkKind, decode_chunk, encode_blob_chunks
-from fedmq.wire.framing import Buffer
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.topics import BlobChunkTopic, Topics
 
@@ -210,11 +209,11 @@ class BlobReceiver:
             entry[1].cancel()
             await self._session.unsubscribe(self._topics.blob_filter(ref.sha256))
 
-    async def feed(self, message: aiomqtt.Message, parsed: BlobChunkTopic) -> None:
+    async def feed(self, message: Message, parsed: BlobChunkTopic) -> None:
         """Handle one message received on a blob topic."""
         entry = self._pending.get(parsed.sha256)
         payload = message.payload
-        if entry is None or not isinstance(payload, bytes | bytearray) or not payload:
+        if entry is None or not payload:
             return  # not wanted (any more), or a retained-message deletion
         assembler, future = entry
         try:

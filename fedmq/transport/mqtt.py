@@ -26,6 +26,7 @@ from paho.mqtt.properties import Properties
 
 from fedmq.errors import ConfigError, TransportError
 from fedmq.timeouts import wait_event
+from fedmq.transport.message import Message, MessageHandler
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ DISCONNECT_TIMEOUT = 1.0  # seconds: a clean DISCONNECT at shutdown is best effo
 PUBLISH_TIMEOUT = 30.0  # seconds: one QoS 1 round trip, including a reconnect
 MAX_INFLIGHT = 200  # QoS 1 messages unacknowledged at once: keeps chunk uploads pipelined
 
-MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 ConnectHook = Callable[["MqttSession"], Awaitable[None]]
 
 
@@ -161,6 +161,14 @@ def _raise_if_cancelling(cause: BaseException | None) -> None:
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError from cause
+
+
+def _to_message(received: aiomqtt.Message) -> Message:
+    payload = received.payload
+    # aiomqtt types payloads as str | bytes | int | float | None; over the wire they are
+    # always bytes (paho hands out bytes), the other types exist only for publishing.
+    data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+    return Message(received.topic.value, data, bool(received.retain))
 
 
 class MqttSession:
@@ -303,7 +311,8 @@ class MqttSession:
         log.info("connected to %s as %s", self.settings.url, self.settings.client_id)
         if self._on_connect is not None:
             await self._on_connect(self)
-        async for message in client.messages:
+        async for received in client.messages:
+            message = _to_message(received)
             try:
                 await handler(message)
             except Exception:

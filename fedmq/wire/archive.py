@@ -11,8 +11,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from fedmq.buffers import Buffer
 from fedmq.errors import LimitExceededError, LocalProtocolError, MalformedMessageError
-from fedmq.wire.framing import Buffer, decode_frame, encode_frame, require
+from fedmq.wire.framing import decode_frame, encode_frame, require
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 
 KIND = "archive"

@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fedmq.buffers import Buffer
 from fedmq.errors import (
     IntegrityError,
     InvalidIdentifierError,
@@ -15,7 +16,6 @@ from fedmq.errors import (
     LocalProtocolError,
     MalformedMessageError,
 )
-from fedmq.wire.framing import Buffer
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB
 
 DEFAULT_CHUNK_SIZE = 256 * KiB  # bytes: few messages per MB yet well under broker caps

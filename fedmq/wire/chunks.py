@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fedmq.buffers import Buffer
 from fedmq.errors import (
     IntegrityError,
     InvalidIdentifierError,
@@ -26,7 +27,7 @@ from fedmq.errors import (
     MalformedMessageError,
 )
 from fedmq.wire.blobs import BlobRef, split_blob
-from fedmq.wire.framing import Buffer, decode_frame, encode_frame, require, require_int
+from fedmq.wire.framing import decode_frame, encode_frame, require, require_int
 from fedmq.wire.ids import id_problem, validate_id
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.topics import MAX_ROUND

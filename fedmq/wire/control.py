@@ -19,19 +19,19 @@ from pydantic import (
     ValidationError,
 )
 
+from fedmq.buffers import Buffer
 from fedmq.errors import (
     LimitExceededError,
     LocalProtocolError,
     MalformedMessageError,
     UnsupportedVersionError,
 )
-from fedmq.runtime.config import TrainingConfig
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.framing import Buffer
 from fedmq.wire.ids import Identifier
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.topics import MAX_ROUND
+from fedmq.wire.training import TrainingConfig
 
 CONTROL_VERSION = 1
 

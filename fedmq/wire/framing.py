@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
+from fedmq.buffers import Buffer
 from fedmq.errors import (
     LimitExceededError,
     LocalProtocolError,
@@ -35,8 +36,6 @@ MAGIC = b"FMQ"
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct(">3sBI")
 PREFIX_SIZE = _PREFIX.size
-
-Buffer = bytes | bytearray | memoryview
 
 T = TypeVar("T")
 

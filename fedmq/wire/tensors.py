@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import zstandard
 
+from fedmq.buffers import Buffer
 from fedmq.errors import (
     DecompressionError,
     LimitExceededError,
@@ -28,7 +29,7 @@ from fedmq.errors import (
     MalformedMessageError,
     UnsupportedCodecError,
 )
-from fedmq.wire.framing import Buffer, decode_frame, encode_frame, require, require_int
+from fedmq.wire.framing import decode_frame, encode_frame, require, require_int
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.tensor_codecs import RAW, CodecSpec, decode_tensor, encode_tensor, parse_entry
 

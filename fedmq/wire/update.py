@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy.typing as npt
 
+from fedmq.buffers import Buffer
 from fedmq.errors import LimitExceededError, LocalProtocolError, MalformedMessageError
-from fedmq.wire.framing import Buffer, decode_frame, encode_frame, require, require_int
+from fedmq.wire.framing import decode_frame, encode_frame, require, require_int
 from fedmq.wire.ids import id_problem, validate_id
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.tensors import decode_tensors

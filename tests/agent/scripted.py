@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 import numpy.typing as npt
 
 from fedmq.bundle.bundle import Bundle
-from fedmq.runtime.config import TrainingConfig
 from fedmq.transport.blobs import publish_blob
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.blobs import BlobAssembler, BlobRef, blob_ref
@@ -36,6 +35,7 @@ from fedmq.wire.control import (
 )
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import StatusTopic, Topics, UpdateChunkTopic
+from fedmq.wire.training import TrainingConfig
 from fedmq.wire.update import UpdateMeta, decode_update
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,8 +170,8 @@ class ScriptedAggregator:
 
         return await asyncio.wait_for(wait(), timeout)
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        parsed = self.topics.parse(message.topic.value)
+    async def _handle(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
         payload = message.payload
         if isinstance(parsed, StatusTopic):
             if payload:

@@ -19,7 +19,7 @@ from agent.scripted import ScriptedAggregator
 from edge_agent.cli import EXIT_CONFIG
 from edge_agent.config import AgentSettings
 from fedmq.broker.mosquitto import MosquittoBroker
-from fedmq.runtime.config import TrainingConfig
+from fedmq.wire.training import TrainingConfig
 
 SIGTERM_EXIT_LIMIT = 10.0  # seconds: the requirement (systemd's default is 90)
 

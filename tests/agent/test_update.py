@@ -12,8 +12,8 @@ from agent.scripted import BUNDLES
 from edge_agent.update import build_update, local_training_config
 from fedmq.bundle.bundle import Bundle
 from fedmq.errors import TrainingError
-from fedmq.runtime.config import TrainingConfig
 from fedmq.wire.tensor_codecs import CodecSpec
+from fedmq.wire.training import TrainingConfig
 from fedmq.wire.update import decode_update
 
 MANIFEST = Bundle.load(BUNDLES / "digits_cnn").manifest

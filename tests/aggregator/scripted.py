@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import numpy as np
 
 from fedmq.aggregator.config import AggregatorSettings, load_settings
@@ -27,9 +26,10 @@ from fedmq.aggregator.service import AggregatorService
 from fedmq.aggregator.store import read_records
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle import Bundle
+from fedmq.coordinator.records import RoundRecord
 from fedmq.errors import TransportError
-from fedmq.protocol.records import RoundRecord
 from fedmq.transport.blobs import BlobReceiver, publish_chunks
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, LastWill, MqttSession
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.control import (
@@ -179,8 +179,8 @@ class ScriptedAgent:
         self.receiver = BlobReceiver(self.session, self.topics)
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        parsed = self.topics.parse(message.topic.value)
+    async def _handle(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
         payload = message.payload
         assert isinstance(payload, bytes | bytearray)
         if isinstance(parsed, RoundTopic) and payload:
@@ -322,7 +322,7 @@ async def read_status(broker: MosquittoBroker, federation: str) -> AggregatorSta
     topics = Topics(federation)
     seen: list[AggregatorStatus] = []
 
-    async def handle(message: aiomqtt.Message) -> None:
+    async def handle(message: Message) -> None:
         payload = message.payload
         if isinstance(payload, bytes | bytearray) and payload:
             seen.append(decode_control(payload, AggregatorStatus))
@@ -413,8 +413,8 @@ class Fleet:
         self.rounds: list[RoundAnnouncement] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
-        parsed = self.topics.parse(message.topic.value)
+    async def _handle(self, message: Message) -> None:
+        parsed = self.topics.parse(message.topic)
         payload = message.payload
         assert isinstance(payload, bytes | bytearray)
         if isinstance(parsed, AckTopic):

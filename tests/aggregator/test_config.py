@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedmq.aggregator.config import load_settings
+from fedmq.coordinator.selection import SelectFraction
 from fedmq.errors import ConfigError
-from fedmq.protocol.selection import SelectFraction
 
 TOML = """
 federation = "plant7"

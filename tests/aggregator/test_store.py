@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from protocol.support import delta, envelope, schema
+from coordinator.support import delta, envelope, schema
 
 from fedmq.aggregator.store import StateStore, atomic_write, read_records
+from fedmq.coordinator.actions import Ticket
+from fedmq.coordinator.records import Contribution, RoundRecord
+from fedmq.coordinator.validation import UpdateKey, VerifiedUpdate, verify_update
 from fedmq.errors import StateError
-from fedmq.protocol.actions import Ticket
-from fedmq.protocol.records import Contribution, RoundRecord
-from fedmq.protocol.validation import UpdateKey, VerifiedUpdate, verify_update
 
 
 def _ticket(seq: int, client: str, fold_round: int = 1) -> Ticket:

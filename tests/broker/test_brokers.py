@@ -8,13 +8,13 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import aiomqtt
 import pytest
 
 from fedmq.broker.embedded import EmbeddedBroker
 from fedmq.broker.mosquitto import MosquittoBroker, MosquittoConfig
 from fedmq.errors import TransportError
 from fedmq.transport.blobs import BlobReceiver, publish_blob
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.topics import BlobChunkTopic, Topics
@@ -30,11 +30,11 @@ async def _round_trip(url: str, protocol: str, federation: str, size: int) -> by
     subscriber = MqttSession(BrokerSettings(url, f"{federation}-s", protocol=protocol))  # type: ignore[arg-type]
     receiver = BlobReceiver(subscriber, topics)
 
-    async def ignore(message: aiomqtt.Message) -> None:
+    async def ignore(message: Message) -> None:
         return None
 
-    async def handle(message: aiomqtt.Message) -> None:
-        parsed = topics.parse(message.topic.value)
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
         assert isinstance(parsed, BlobChunkTopic)
         await receiver.feed(message, parsed)
 
@@ -75,8 +75,8 @@ async def test_retained_blobs_survive_a_persistent_mosquitto_restart(
     subscriber = MqttSession(BrokerSettings(broker.url, f"{federation}-late"))
     receiver = BlobReceiver(subscriber, topics)
 
-    async def handle(message: aiomqtt.Message) -> None:
-        parsed = topics.parse(message.topic.value)
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
         assert isinstance(parsed, BlobChunkTopic)
         await receiver.feed(message, parsed)
 

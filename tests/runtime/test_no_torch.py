@@ -12,7 +12,8 @@ SCRIPT = textwrap.dedent(
     import sys
     import numpy as np
     from fedmq.bundle import Bundle
-    from fedmq.runtime import Trainer, TrainingConfig
+    from fedmq.runtime import Trainer
+    from fedmq.wire.training import TrainingConfig
 
     bundle = Bundle.load(sys.argv[1])
     trainer = Trainer(bundle)
@@ -41,9 +42,9 @@ def test_training_a_bundle_never_imports_torch(bundles_dir: Path) -> None:
 
 
 def test_bundle_format_and_training_config_are_pure() -> None:
-    """fedmq.bundle and fedmq.runtime.config load without onnxruntime (aggregators use them)."""
+    """fedmq.bundle and fedmq.wire.training load without onnxruntime (aggregators use them)."""
     code = (
-        "import sys, fedmq.bundle, fedmq.runtime.config, fedmq.runtime\n"
+        "import sys, fedmq.bundle, fedmq.wire.training\n"
         "heavy = {'torch', 'onnxruntime', 'onnx'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
     )

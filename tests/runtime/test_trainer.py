@@ -9,7 +9,8 @@ import pytest
 
 from fedmq.bundle import Bundle
 from fedmq.errors import TrainingCancelled, TrainingError
-from fedmq.runtime import Trainer, TrainingConfig, TrainResult
+from fedmq.runtime import Trainer, TrainResult
+from fedmq.wire.training import TrainingConfig
 
 
 def apply(params: dict[str, np.ndarray], result: TrainResult) -> dict[str, np.ndarray]:

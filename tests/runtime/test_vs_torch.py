@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from fedmq.bundle import Bundle
-from fedmq.runtime import Trainer, TrainingConfig
+from fedmq.runtime import Trainer
 from fedmq.runtime.optim import clip_by_global_norm, make_optimizer
+from fedmq.wire.training import TrainingConfig
 
 pytestmark = pytest.mark.compile
 

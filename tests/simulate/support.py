@@ -16,7 +16,7 @@ import psutil
 
 from fedmq.aggregator.store import read_records
 from fedmq.bundle import Bundle
-from fedmq.protocol.records import RoundRecord
+from fedmq.coordinator.records import RoundRecord
 from fedmq.wire.tensors import decode_tensors
 from fedmq.wire.update import decode_update
 

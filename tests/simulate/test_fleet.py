@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-import aiomqtt
 import numpy as np
 import pytest
 
 from edge_agent.config import parse_settings
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.simulate.fleet import InProcessFleet
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.control import AgentStatus, decode_control
 from fedmq.wire.topics import Topics
@@ -40,7 +40,7 @@ async def test_a_crashed_agent_goes_offline_by_its_will_and_a_revived_one_comes_
     statuses: list[AgentStatus] = []
     states: list[str] = []
 
-    async def collect(message: aiomqtt.Message) -> None:
+    async def collect(message: Message) -> None:
         if isinstance(message.payload, bytes) and message.payload:
             status = decode_control(message.payload, AgentStatus)
             statuses.append(status)

@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedmq.errors import LocalProtocolError
-from fedmq.runtime.config import TrainingConfig
 from fedmq.strategies import (
     CoordinateMedian,
     GaussianNoise,
@@ -21,6 +20,7 @@ from fedmq.strategies import (
     update_norm,
 )
 from fedmq.strategies.base import ModelLayout
+from fedmq.wire.training import TrainingConfig
 from strategies.support import LAYOUT, SHAPES, cohort, params, stacked
 
 

@@ -5,17 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import aiomqtt
 import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.timeouts import within
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, LastWill, MqttSession
 
 pytestmark = [pytest.mark.broker]
 
 
-async def _ignore(message: aiomqtt.Message) -> None:
+async def _ignore(message: Message) -> None:
     return None
 
 
@@ -25,7 +25,7 @@ async def test_abort_makes_the_broker_publish_the_last_will(
     topic = f"{federation}/status"
     seen: list[bytes] = []
 
-    async def collect(message: aiomqtt.Message) -> None:
+    async def collect(message: Message) -> None:
         assert isinstance(message.payload, bytes)
         seen.append(message.payload)
 

@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 import os
 
-import aiomqtt
 import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import IntegrityError
 from fedmq.transport.blobs import BlobReceiver, publish_blob
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.blobs import BlobAssembler, BlobRef, blob_ref
 from fedmq.wire.chunks import ChunkHeader, encode_chunk
@@ -36,8 +36,8 @@ async def test_persistently_corrupt_blob_fails_after_the_refetch_limit(
 
     receiver = BlobReceiver(session, topics, store_factory=factory, max_refetches=2)
 
-    async def handle(message: aiomqtt.Message) -> None:
-        parsed = topics.parse(message.topic.value)
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
         assert isinstance(parsed, BlobChunkTopic)
         await receiver.feed(message, parsed)
 

@@ -7,11 +7,11 @@ import contextlib
 import os
 from collections.abc import AsyncIterator, Callable
 
-import aiomqtt
 import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.transport.blobs import BlobReceiver, clear_blob, publish_blob
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.limits import KiB, MiB
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.broker]
 
 @contextlib.asynccontextmanager
 async def running(session: MqttSession, handler=None) -> AsyncIterator[MqttSession]:  # type: ignore[no-untyped-def]
-    async def ignore(message: aiomqtt.Message) -> None:
+    async def ignore(message: Message) -> None:
         return None
 
     task = asyncio.create_task(session.run(handler or ignore))
@@ -47,8 +47,8 @@ async def _transfer(broker: MosquittoBroker, federation: str, chunk_size: int) -
     subscriber = MqttSession(BrokerSettings(broker.url, f"{federation}-sub"))
     receiver = BlobReceiver(subscriber, topics)
 
-    async def handle(message: aiomqtt.Message) -> None:
-        parsed = topics.parse(message.topic.value)
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
         assert isinstance(parsed, BlobChunkTopic)
         await receiver.feed(message, parsed)
 
@@ -61,8 +61,8 @@ async def _transfer(broker: MosquittoBroker, federation: str, chunk_size: int) -
     # Cleared: a new subscriber gets nothing retained any more.
     seen: list[str] = []
 
-    async def collect(message: aiomqtt.Message) -> None:
-        seen.append(message.topic.value)
+    async def collect(message: Message) -> None:
+        seen.append(message.topic)
 
     probe = MqttSession(
         BrokerSettings(broker.url, f"{federation}-probe", persistent_session=False),
@@ -96,8 +96,8 @@ async def test_oversized_chunk_is_refused_by_a_capped_broker(
     subscriber = MqttSession(BrokerSettings(capped.url, f"{federation}-sub"))
     receiver = BlobReceiver(subscriber, topics)
 
-    async def handle(message: aiomqtt.Message) -> None:
-        parsed = topics.parse(message.topic.value)
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
         assert isinstance(parsed, BlobChunkTopic)
         await receiver.feed(message, parsed)
 

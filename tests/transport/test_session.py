@@ -8,12 +8,12 @@ import os
 import signal
 from collections.abc import Callable
 
-import aiomqtt
 import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import ConfigError, TransportError
 from fedmq.timeouts import within
+from fedmq.transport.message import Message
 from fedmq.transport.mqtt import Backoff, BrokerAddress, BrokerSettings, MqttSession
 
 pytestmark = [pytest.mark.broker]
@@ -25,7 +25,7 @@ async def test_resubscribes_and_delivers_after_a_broker_restart(
     broker = make_broker()
     received: list[bytes] = []
 
-    async def collect(message: aiomqtt.Message) -> None:
+    async def collect(message: Message) -> None:
         assert isinstance(message.payload, bytes)
         received.append(message.payload)
 
@@ -40,7 +40,7 @@ async def test_resubscribes_and_delivers_after_a_broker_restart(
         BrokerSettings(broker.url, f"{federation}-s"), backoff=Backoff(initial=0.05, maximum=0.2)
     )
 
-    async def ignore(message: aiomqtt.Message) -> None:
+    async def ignore(message: Message) -> None:
         return None
 
     tasks = [asyncio.create_task(listener.run(collect)), asyncio.create_task(sender.run(ignore))]
@@ -72,7 +72,7 @@ async def test_cancel_stops_the_session_even_when_the_broker_hangs(
     broker = make_broker()
     session = MqttSession(BrokerSettings(broker.url, f"{federation}-c"))
 
-    async def ignore(message: aiomqtt.Message) -> None:
+    async def ignore(message: Message) -> None:
         return None
 
     task = asyncio.create_task(session.run(ignore))
@@ -106,8 +106,8 @@ async def test_subscribing_never_waits_for_an_unresponsive_broker(
     broker = make_broker()
     received: list[str] = []
 
-    async def collect(message: aiomqtt.Message) -> None:
-        received.append(message.topic.value)
+    async def collect(message: Message) -> None:
+        received.append(message.topic)
 
     session = MqttSession(
         BrokerSettings(broker.url, f"{federation}-u"), subscriptions=[(f"{federation}/a", 1)]
@@ -148,7 +148,7 @@ async def test_publish_without_a_broker_times_out_with_a_transport_error() -> No
         port = probe.getsockname()[1]
     session = MqttSession(BrokerSettings(f"mqtt://127.0.0.1:{port}", "lonely"))
 
-    async def ignore(message: aiomqtt.Message) -> None:
+    async def ignore(message: Message) -> None:
         return None
 
     task = asyncio.create_task(session.run(ignore))

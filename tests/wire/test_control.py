@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fedmq.errors import LimitExceededError, MalformedMessageError, UnsupportedVersionError
-from fedmq.runtime.config import TrainingConfig
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import (
     Ack,
@@ -19,6 +18,7 @@ from fedmq.wire.control import (
     encode_control,
 )
 from fedmq.wire.limits import DecodeLimits
+from fedmq.wire.training import TrainingConfig
 
 ids = st.from_regex(r"[a-z0-9][a-z0-9_.-]{0,15}", fullmatch=True)
 times = st.floats(0, 4e9, allow_nan=False)

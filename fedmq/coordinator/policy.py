@@ -9,14 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
+from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
+from fedmq.coordinator.selection import SelectAll, Selection
 from fedmq.errors import ConfigError
-from fedmq.protocol.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
-from fedmq.protocol.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
-from fedmq.protocol.selection import SelectAll, Selection
-from fedmq.runtime.config import TrainingConfig
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
 from fedmq.wire.ids import validate_id
 from fedmq.wire.topics import DEFAULT_ROOT
+from fedmq.wire.training import TrainingConfig
 
 DEFAULT_DEADLINE = 300.0  # seconds: a few local epochs on an edge CPU plus upload
 DEFAULT_SETTLE = 2.0  # seconds after (re)start for retained agent statuses to arrive

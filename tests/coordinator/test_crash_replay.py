@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from coordinator.support import T0, Harness, config, delta, envelope, schema
 
+from fedmq.coordinator.coordinator import Coordinator
+from fedmq.coordinator.policy import SyncPolicy
+from fedmq.coordinator.validation import verify_update
 from fedmq.errors import ConfigError, StateError
-from fedmq.protocol.coordinator import Coordinator
-from fedmq.protocol.policy import SyncPolicy
-from fedmq.protocol.validation import verify_update
 from fedmq.strategies.config import StrategyConfig, build_strategy
-from protocol.support import T0, Harness, config, delta, envelope, schema
 
 ROUNDS = 3
 AGENTS = ("a", "b", "c")

@@ -8,7 +8,7 @@ import pytest
 FORBIDDEN = ("asyncio", "aiomqtt", "paho", "onnxruntime", "torch")
 
 
-@pytest.mark.parametrize("package", ["fedmq.protocol", "fedmq.strategies"])
+@pytest.mark.parametrize("package", ["fedmq.coordinator", "fedmq.strategies"])
 def test_package_imports_no_io_or_runtime(package: str) -> None:
     code = (
         f"import sys, pkgutil, importlib, {package} as pkg\n"

@@ -7,10 +7,10 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from coordinator.support import FEDERATION, T0, chunks, delta, envelope
 
-from fedmq.protocol.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
+from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
 from fedmq.wire.topics import UpdateChunkTopic
-from protocol.support import FEDERATION, T0, chunks, delta, envelope
 
 
 def _intake(**kw: object) -> UpdateIntake:

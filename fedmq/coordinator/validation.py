@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.buffers import Buffer
 from fedmq.errors import DecodeError, IntegrityError, LimitExceededError, MalformedMessageError
 from fedmq.strategies.base import ModelLayout
 from fedmq.wire.blobs import BlobAssembler
 from fedmq.wire.control import AckReason
-from fedmq.wire.framing import Buffer
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB
 from fedmq.wire.tensors import decode_tensors
 from fedmq.wire.update import MAX_METRICS, UpdateMeta, decode_update_meta

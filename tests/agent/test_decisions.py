@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from edge_agent.outbox import OutboxEntry
-from edge_agent.protocol import (
+from edge_agent.decisions import (
     Finished,
     IgnoreAck,
     RemoveEntry,
@@ -19,6 +18,7 @@ from edge_agent.protocol import (
     decide_round,
     outbox_action,
 )
+from edge_agent.outbox import OutboxEntry
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import Ack, RoundAnnouncement
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from coordinator.support import T0, status
 
+from fedmq.coordinator.roster import Roster
+from fedmq.coordinator.selection import SelectAll, SelectFraction, SelectList, select
 from fedmq.errors import ConfigError
-from fedmq.protocol.roster import Roster
-from fedmq.protocol.selection import SelectAll, SelectFraction, SelectList, select
-from protocol.support import T0, status
 
 
 def test_an_agent_is_online_until_it_says_offline() -> None:

@@ -11,12 +11,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedmq.protocol.actions import Ticket
-from fedmq.protocol.history import History
-from fedmq.protocol.intake import Verdict
-from fedmq.protocol.policy import CoordinatorConfig
-from fedmq.protocol.records import Contribution
-from fedmq.protocol.validation import UpdateKey
+from fedmq.coordinator.actions import Ticket
+from fedmq.coordinator.history import History
+from fedmq.coordinator.intake import Verdict
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.records import Contribution
+from fedmq.coordinator.validation import UpdateKey
 
 Phase = Literal["waiting", "collecting", "finished"]
 

@@ -3,8 +3,8 @@
 The coordinator never performs IO.  Every input method returns a list of actions; the
 service executes them in list order (so "save the checkpoint, then the state, then
 announce" is expressed by position) and reports back the results the coordinator
-needs (:meth:`~fedmq.protocol.coordinator.Coordinator.verified`,
-:meth:`~fedmq.protocol.coordinator.Coordinator.persisted`).
+needs (:meth:`~fedmq.coordinator.coordinator.Coordinator.verified`,
+:meth:`~fedmq.coordinator.coordinator.Coordinator.persisted`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fedmq.protocol.records import RoundRecord
-from fedmq.protocol.validation import UpdateKey, VerifiedUpdate
+from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.validation import UpdateKey, VerifiedUpdate
 from fedmq.wire.blobs import BlobAssembler, BlobRef
 
 
@@ -54,7 +54,7 @@ class ArmTimer:
 class VerifyUpdate:
     """Check and decode a reassembled update (CPU work: run it off the event loop).
 
-    Pass the result of :func:`~fedmq.protocol.validation.verify_assembled` to
+    Pass the result of :func:`~fedmq.coordinator.validation.verify_assembled` to
     ``Coordinator.verified``.
     """
 

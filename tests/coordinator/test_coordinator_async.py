@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from coordinator.support import SHAPES, Harness, config, delta
 
-from fedmq.protocol.policy import AsyncPolicy
-from protocol.support import SHAPES, Harness, config, delta
+from fedmq.coordinator.policy import AsyncPolicy
 
 
 def _harness(**policy: object) -> Harness:

@@ -17,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from fedmq.buffers import Buffer
+from fedmq.coordinator.validation import UpdateKey
 from fedmq.errors import DecodeError, IntegrityError, LimitExceededError
-from fedmq.protocol.validation import UpdateKey
 from fedmq.wire.blobs import BlobAssembler, BlobRef
 from fedmq.wire.chunks import ChunkHeader, decode_chunk
 from fedmq.wire.control import AckReason
-from fedmq.wire.framing import Buffer
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.topics import UpdateChunkTopic
 
@@ -66,7 +66,7 @@ class Assembled:
     """Every chunk of an update arrived.
 
     Its sha256 is checked with the rest of the update, off the event loop
-    (:func:`~fedmq.protocol.validation.verify_assembled`).
+    (:func:`~fedmq.coordinator.validation.verify_assembled`).
     """
 
     key: UpdateKey

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from coordinator.support import SHAPES, T0, Harness, config, delta, envelope, initial_params
 
-from fedmq.protocol.actions import (
+from fedmq.coordinator.actions import (
     ClearBlob,
     PersistUpdate,
     Publish,
@@ -13,12 +14,11 @@ from fedmq.protocol.actions import (
     SaveCheckpoint,
     SaveState,
 )
-from fedmq.protocol.policy import SyncPolicy, TargetMetric
-from fedmq.protocol.selection import SelectFraction
+from fedmq.coordinator.policy import SyncPolicy, TargetMetric
+from fedmq.coordinator.selection import SelectFraction
 from fedmq.strategies.config import StrategyConfig, build_strategy
 from fedmq.wire.control import AggregatorStatus, decode_control
 from fedmq.wire.tensors import decode_tensors
-from protocol.support import SHAPES, T0, Harness, config, delta, envelope, initial_params
 
 
 def _harness(rounds: int = 3, **policy: object) -> Harness:

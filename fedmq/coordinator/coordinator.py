@@ -1,7 +1,7 @@
 """The aggregator's state machine: rounds, intake, validation verdicts, aggregation.
 
 Pure: no IO, no clock of its own.  Every input is a method taking ``now`` (unix
-seconds); every method returns a list of :mod:`~fedmq.protocol.actions` for the service
+seconds); every method returns a list of :mod:`~fedmq.coordinator.actions` for the service
 to execute in order.  The life of an update::
 
     receive_chunk()  ->  VerifyUpdate           (bytes complete; validate off-loop)
@@ -29,8 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.errors import ConfigError, DecodeError, LocalProtocolError, StateError
-from fedmq.protocol.actions import (
+from fedmq.buffers import Buffer
+from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
     CloseRound,
@@ -47,16 +47,17 @@ from fedmq.protocol.actions import (
     Ticket,
     VerifyUpdate,
 )
-from fedmq.protocol.admission import Accept, Ignore, Phase, RoundState, decide
-from fedmq.protocol.history import History
-from fedmq.protocol.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
-from fedmq.protocol.ledger import BlobLedger, ref_from, ref_json
-from fedmq.protocol.policy import CoordinatorConfig
-from fedmq.protocol.records import Contribution, RoundRecord, weighted_metrics
-from fedmq.protocol.roster import Roster
-from fedmq.protocol.selection import eligible, select
-from fedmq.protocol.staleness import staleness_weight
-from fedmq.protocol.validation import UpdateKey, UpdateRejection, UpdateSchema, VerifiedUpdate
+from fedmq.coordinator.admission import Accept, Ignore, Phase, RoundState, decide
+from fedmq.coordinator.history import History
+from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
+from fedmq.coordinator.ledger import BlobLedger, ref_from, ref_json
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.records import Contribution, RoundRecord, weighted_metrics
+from fedmq.coordinator.roster import Roster
+from fedmq.coordinator.selection import eligible, select
+from fedmq.coordinator.staleness import staleness_weight
+from fedmq.coordinator.validation import UpdateKey, UpdateRejection, UpdateSchema, VerifiedUpdate
+from fedmq.errors import ConfigError, DecodeError, LocalProtocolError, StateError
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.chunks import ChunkHeader
@@ -68,7 +69,6 @@ from fedmq.wire.control import (
     RoundAnnouncement,
     encode_control,
 )
-from fedmq.wire.framing import Buffer
 from fedmq.wire.tensors import decode_tensors, encode_tensors
 from fedmq.wire.topics import Topics, UpdateChunkTopic
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmq.protocol.actions import (
+from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
     ClearBlob,
@@ -30,10 +30,10 @@ from fedmq.protocol.actions import (
     Ticket,
     VerifyUpdate,
 )
-from fedmq.protocol.coordinator import Coordinator
-from fedmq.protocol.policy import CoordinatorConfig
-from fedmq.protocol.records import RoundRecord
-from fedmq.protocol.validation import UpdateSchema, verify_assembled
+from fedmq.coordinator.coordinator import Coordinator
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.validation import UpdateSchema, verify_assembled
 from fedmq.strategies.config import StrategyConfig, build_strategy
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.blobs import blob_ref

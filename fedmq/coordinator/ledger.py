@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
+from fedmq.coordinator.actions import ClearBlob, PublishBlob
 from fedmq.errors import StateError
-from fedmq.protocol.actions import ClearBlob, PublishBlob
 from fedmq.wire.blobs import BlobRef, blob_ref
 
 
