@@ -8,17 +8,14 @@ Public API:
 
 - :class:`AgentSettings`, :func:`load_settings`: configuration (TOML + ``FEDMQ_AGENT_``).
 - :class:`Agent`: the daemon (``await Agent(settings).run()``; ``request_stop()``).
-- :func:`main`: the ``fedmq-agent`` command; exit codes ``EXIT_CONFIG`` / ``EXIT_RUNTIME``.
+- :func:`main`: the ``fedmq-agent`` command; exit codes in :mod:`fedmq.exit_codes`.
 """
 
-from edge_agent.cli import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, main, run_agent
+from edge_agent.cli import main, run_agent
 from edge_agent.config import AgentSettings, load_settings
 from edge_agent.daemon import Agent, AgentStatistics
 
 __all__ = [
-    "EXIT_CONFIG",
-    "EXIT_OK",
-    "EXIT_RUNTIME",
     "Agent",
     "AgentSettings",
     "AgentStatistics",

@@ -27,12 +27,8 @@ import fedmq
 from edge_agent.config import AgentSettings, load_settings
 from edge_agent.daemon import TRAIN_THREAD_PREFIX, Agent
 from edge_agent.data import resolve_entry_point
+from fedmq import exit_codes
 from fedmq.errors import ConfigError
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_RUNTIME = 70  # EX_SOFTWARE
-EXIT_CONFIG = 78  # EX_CONFIG
 
 log = logging.getLogger("edge_agent")
 
@@ -92,18 +88,18 @@ def run_agent(settings: AgentSettings) -> int:
         asyncio.run(_serve(agent))
     except ConfigError as exc:
         log.error("%s", exc)
-        return EXIT_CONFIG
+        return exit_codes.CONFIG_ERROR
     except ExceptionGroup as group:  # raised by the agent's TaskGroup
         config_errors, _ = group.split(ConfigError)
         if config_errors is not None:
             log.error("%s", config_errors.exceptions[0])
-            return EXIT_CONFIG
+            return exit_codes.CONFIG_ERROR
         log.exception("fedmq-agent failed")
-        return EXIT_RUNTIME
+        return exit_codes.RUNTIME_FAILURE
     except Exception:
         log.exception("fedmq-agent failed")
-        return EXIT_RUNTIME
-    return EXIT_OK
+        return exit_codes.RUNTIME_FAILURE
+    return exit_codes.OK
 
 
 def _abandoned_training() -> bool:
@@ -121,11 +117,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = _load(args.config)
     except ConfigError as exc:
         print(f"fedmq-agent: configuration error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_CONFIG)
+        sys.exit(exit_codes.CONFIG_ERROR)
     _setup_logging(args.log_level or settings.log_level)
     if args.command == "check":
         print(settings.model_dump_json(indent=2))
-        sys.exit(EXIT_OK)
+        sys.exit(exit_codes.OK)
     code = run_agent(settings)
     if _abandoned_training():
         # A worker thread stuck inside onnxruntime would make interpreter shutdown wait

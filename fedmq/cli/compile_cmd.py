@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedmq import exit_codes
 from fedmq.errors import CompileError
 
 if TYPE_CHECKING:
     from torch import nn
-
-EXIT_COMPILE_ERROR = 3  # the model or its options cannot be compiled (not a crash)
 
 
 class Loss(StrEnum):
@@ -123,10 +122,10 @@ def compile_command(
         from fedmq.compile.onnx_import import module_from_onnx  # noqa: PLC0415
     except ImportError as exc:
         typer.echo(f"error: fedmq compile needs the compile extra ({exc})", err=True)
-        raise typer.Exit(EXIT_COMPILE_ERROR) from exc
+        raise typer.Exit(exit_codes.COMPILE_ERROR) from exc
     if input_dtype not in ("float32", "int64"):
         typer.echo(f"error: --input-dtype must be float32 or int64, not {input_dtype}", err=True)
-        raise typer.Exit(EXIT_COMPILE_ERROR)
+        raise typer.Exit(exit_codes.COMPILE_ERROR)
     try:
         if source.endswith(".onnx"):
             model, graph_shape = module_from_onnx(source)
@@ -150,7 +149,7 @@ def compile_command(
         )
     except CompileError as exc:
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_COMPILE_ERROR) from exc
+        raise typer.Exit(exit_codes.COMPILE_ERROR) from exc
     bundle.write(out)
     manifest = bundle.manifest
     total = sum(len(data) for data in bundle.files().values())

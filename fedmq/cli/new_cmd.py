@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 
+from fedmq import exit_codes
 from fedmq.errors import ConfigError
 from fedmq.scaffold import TEMPLATES, create_project
-
-EXIT_USAGE = 2
 
 
 def new_command(
@@ -24,7 +23,7 @@ def new_command(
         project = create_project(name, template)
     except ConfigError as exc:
         typer.echo(f"fedmq new: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
+        raise typer.Exit(exit_codes.USAGE) from None
     where = str(name)
     typer.echo(f"created {where}/ ({project.template} template, federation {project.name!r}):")
     for path in project.files:

@@ -1,6 +1,6 @@
 """``fedmq serve`` (run a federation's aggregator) and ``fedmq export`` (a round's model).
 
-Exit codes (:mod:`fedmq.aggregator.exit_codes`): 0 stopped or finished, 78 configuration
+Exit codes (:mod:`fedmq.exit_codes`): 0 stopped or finished, 78 configuration
 error, 74 state directory unusable, 70 unexpected failure.
 """
 
@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from fedmq.aggregator import exit_codes
+from fedmq import exit_codes
 from fedmq.aggregator.config import load_settings
 from fedmq.aggregator.export import export_onnx
 from fedmq.aggregator.service import serve

@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedmq import exit_codes
 from fedmq.errors import BundleError, ConfigError, FedmqError
 from fedmq.simulate.options import (
     DEFAULT_AGENTS,
@@ -30,10 +31,6 @@ from fedmq.simulate.progress import ProgressView
 from fedmq.simulate.report import LOG_FILE, prepare_out_dir
 from fedmq.simulate.runner import Simulation, SimulationResult, default_out
 
-EXIT_USAGE = 2
-EXIT_FAILURE = 70  # EX_SOFTWARE
-EXIT_CONFIG = 78  # EX_CONFIG
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 # In-process fleets above this size log agent messages at WARNING and up only: a
 # thousand agents write a few lines each per round.
 QUIET_FLEET = 20
@@ -124,7 +121,7 @@ def simulate_command(
         name = project.resolve().name if project is not None else options.model
         report_dir = prepare_out_dir(out or default_out(name))
     except ConfigError as exc:
-        raise _fail(console, EXIT_USAGE, str(exc)) from None
+        raise _fail(console, exit_codes.USAGE, str(exc)) from None
     options = dataclasses.replace(options, out=report_dir)
     handler = logging.FileHandler(report_dir / LOG_FILE, mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -140,15 +137,19 @@ def simulate_command(
         result = asyncio.run(_run(simulation))
     except (KeyboardInterrupt, asyncio.CancelledError):
         raise _fail(
-            console, EXIT_INTERRUPTED, "interrupted; everything it started is stopped"
+            console, exit_codes.INTERRUPTED, "interrupted; everything it started is stopped"
         ) from None
     except (ConfigError, BundleError) as exc:
-        raise _fail(console, EXIT_CONFIG, str(exc)) from None
+        raise _fail(console, exit_codes.CONFIG_ERROR, str(exc)) from None
     except FedmqError as exc:
-        raise _fail(console, EXIT_FAILURE, f"{exc} (log: {report_dir / LOG_FILE})") from None
+        raise _fail(
+            console, exit_codes.RUNTIME_FAILURE, f"{exc} (log: {report_dir / LOG_FILE})"
+        ) from None
     except Exception as exc:
         log.exception("the simulation failed")
-        raise _fail(console, EXIT_FAILURE, f"{exc!r} (log: {report_dir / LOG_FILE})") from None
+        raise _fail(
+            console, exit_codes.RUNTIME_FAILURE, f"{exc!r} (log: {report_dir / LOG_FILE})"
+        ) from None
     finally:
         root.removeHandler(handler)
         handler.close()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -24,6 +23,7 @@ from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from fedmq.backoff import Backoff
 from fedmq.errors import ConfigError, TransportError
 from fedmq.timeouts import wait_event
 from fedmq.transport.message import Message, MessageHandler
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 KEEPALIVE = 30  # seconds: a dead agent's last will fires within 1.5x this
 SESSION_EXPIRY = 24 * 3600  # seconds: queued QoS 1 messages survive a day-long outage
-BACKOFF_INITIAL = 0.2  # seconds: a restarted broker is usually back within a second
-BACKOFF_MAX = 30.0  # seconds: caps reconnect storms from a plant full of devices
 CONNECT_TIMEOUT = 10.0  # seconds: TCP + TLS + CONNACK on a slow plant network
 DISCONNECT_TIMEOUT = 1.0  # seconds: a clean DISCONNECT at shutdown is best effort
 PUBLISH_TIMEOUT = 30.0  # seconds: one QoS 1 round trip, including a reconnect
@@ -117,27 +115,6 @@ class BrokerSettings:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load TLS files for {self.url}: {exc}") from exc
         return context
-
-
-@dataclass
-class Backoff:
-    """Capped exponential backoff with full jitter (AWS's recommendation for fleets)."""
-
-    initial: float = BACKOFF_INITIAL
-    maximum: float = BACKOFF_MAX
-    factor: float = 2.0
-    _attempt: int = field(default=0, init=False)
-    _random: random.Random = field(default_factory=random.Random, repr=False)
-
-    def next_delay(self) -> float:
-        """Seconds to wait before the next attempt."""
-        ceiling = min(self.maximum, self.initial * self.factor**self._attempt)
-        self._attempt += 1
-        return self._random.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        """Start over after a success."""
-        self._attempt = 0
 
 
 @dataclass(frozen=True)

@@ -16,9 +16,9 @@ import pytest
 
 from agent.helpers import agent_command, eventually, spawn_agent, write_config
 from agent.scripted import ScriptedAggregator
-from edge_agent.cli import EXIT_CONFIG
 from edge_agent.config import AgentSettings
 from fedmq.broker.mosquitto import MosquittoBroker
+from fedmq.exit_codes import CONFIG_ERROR as EXIT_CONFIG
 from fedmq.wire.training import TrainingConfig
 
 SIGTERM_EXIT_LIMIT = 10.0  # seconds: the requirement (systemd's default is 90)

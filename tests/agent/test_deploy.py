@@ -5,8 +5,8 @@ from __future__ import annotations
 import configparser
 from pathlib import Path
 
-from edge_agent.cli import EXIT_CONFIG
 from edge_agent.daemon import STOP_GRACE
+from fedmq.exit_codes import CONFIG_ERROR as EXIT_CONFIG
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "fedmq-agent.service"
 

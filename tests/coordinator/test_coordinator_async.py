@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from coordinator.support import SHAPES, Harness, config, delta
 
+from coordinator.support import SHAPES, Harness, config, delta
 from fedmq.coordinator.policy import AsyncPolicy
 
 

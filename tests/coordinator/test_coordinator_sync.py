@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from coordinator.support import SHAPES, T0, Harness, config, delta, envelope, initial_params
 
+from coordinator.support import SHAPES, T0, Harness, config, delta, envelope, initial_params
 from fedmq.coordinator.actions import (
     ClearBlob,
     PersistUpdate,

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from coordinator.support import T0, Harness, config, delta, envelope, schema
 
+from coordinator.support import T0, Harness, config, delta, envelope, schema
 from fedmq.coordinator.coordinator import Coordinator
 from fedmq.coordinator.policy import SyncPolicy
 from fedmq.coordinator.validation import verify_update

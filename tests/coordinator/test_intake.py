@@ -7,8 +7,8 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from coordinator.support import FEDERATION, T0, chunks, delta, envelope
 
+from coordinator.support import FEDERATION, T0, chunks, delta, envelope
 from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
 from fedmq.wire.topics import UpdateChunkTopic
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from coordinator.support import T0, status
 
+from coordinator.support import T0, status
 from fedmq.coordinator.roster import Roster
 from fedmq.coordinator.selection import SelectAll, SelectFraction, SelectList, select
 from fedmq.errors import ConfigError

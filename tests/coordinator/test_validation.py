@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from coordinator.support import FEDERATION, SHAPES, delta, envelope, schema
 
+from coordinator.support import FEDERATION, SHAPES, delta, envelope, schema
 from fedmq.coordinator.validation import UpdateKey, UpdateRejection, VerifiedUpdate, verify_update
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.update import UpdateMeta, encode_update

@@ -8,7 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from fedmq.cli.app import app
-from fedmq.cli.simulate_cmd import EXIT_CONFIG, EXIT_USAGE
+from fedmq.exit_codes import CONFIG_ERROR as EXIT_CONFIG
+from fedmq.exit_codes import USAGE as EXIT_USAGE
 
 
 @pytest.mark.parametrize(

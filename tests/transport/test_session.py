@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 import pytest
 
+from fedmq.backoff import Backoff
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import ConfigError, TransportError
 from fedmq.timeouts import within
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import Backoff, BrokerAddress, BrokerSettings, MqttSession
+from fedmq.transport.mqtt import BrokerAddress, BrokerSettings, MqttSession
 
 pytestmark = [pytest.mark.broker]
 
