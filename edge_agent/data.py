@@ -36,16 +36,12 @@ import numpy.typing as npt
 
 from edge_agent.config import DataConfig
 from fedmq.bundle.manifest import Manifest
-from fedmq.errors import ConfigError, TrainingError
+from fedmq.errors import ConfigError, DataError
 
 EVAL_DIR = "eval"
 MAX_CSV_COLUMNS = 1_000_000  # fields per row: far above any sensor record, bounds memory
 
 Array = npt.NDArray[Any]
-
-
-class DataError(TrainingError):
-    """Local data is missing, malformed, or does not fit the model."""
 
 
 @dataclass(frozen=True)

@@ -24,10 +24,12 @@ drop remote errors and keep running; local errors are bugs or bad configuration.
     ├── BundleError                    a model bundle is missing files or inconsistent
     ├── StateError                     the aggregator's state directory is unreadable
     ├── TrainingError                  local training could not run or diverged
+    │   ├── DataError                  the device's local data is missing, malformed or misfit
     │   └── TrainingCancelled          the caller asked training to stop between batches
     ├── CompileError                   a PyTorch/ONNX model could not be compiled
     │   └── UnsupportedOperatorError   an operator has no train-step translation
-    └── TransportError                 the broker is unreachable or the session broke
+    ├── TransportError                 the broker is unreachable or the session broke
+    └── SimulationError                ``fedmq simulate``: a part failed or rounds stalled
 
 ``LimitExceededError`` is also a ``LocalProtocolError`` when raised while
 *encoding*; it carries ``what``, ``declared`` and ``limit`` either way.
@@ -134,6 +136,14 @@ class UnsupportedOperatorError(CompileError):
 
 class TransportError(FedmqError):
     """The broker is unreachable or the MQTT session failed."""
+
+
+class DataError(TrainingError):
+    """Local data is missing, malformed, or does not fit the model."""
+
+
+class SimulationError(FedmqError):
+    """The simulation could not complete: a part failed or the rounds stalled."""
 
 
 class TrainingCancelled(TrainingError):  # noqa: N818 - the agent interface's name

@@ -14,7 +14,7 @@ Server-side only: it imports rich, matplotlib (when writing the plot) and scikit
 (for the digits); ``edge_agent`` never imports this package.
 """
 
-from fedmq.simulate.errors import SimulationError
+from fedmq.errors import SimulationError
 from fedmq.simulate.options import SimulationOptions, TrainingOverrides
 from fedmq.simulate.runner import Simulation, SimulationResult
 

@@ -33,7 +33,7 @@ from edge_agent.config import AgentSettings
 from edge_agent.daemon import TRAIN_THREAD_PREFIX, Agent, AgentStatistics
 from edge_agent.training import RoundOutput
 from fedmq.broker.process import die_with_parent
-from fedmq.simulate.errors import SimulationError
+from fedmq.errors import SimulationError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

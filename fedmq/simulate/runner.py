@@ -40,9 +40,8 @@ from fedmq.aggregator.service import AggregatorService
 from fedmq.aggregator.store import read_records
 from fedmq.broker.process import BrokerProcess
 from fedmq.coordinator.records import RoundRecord
-from fedmq.errors import ConfigError, FedmqError, StateError, TrainingError
+from fedmq.errors import ConfigError, FedmqError, SimulationError, StateError, TrainingError
 from fedmq.simulate.brokers import BrokerPlan, make_broker, plan_broker
-from fedmq.simulate.errors import SimulationError
 from fedmq.simulate.fleet import Fleet, InProcessFleet, ProcessFleet
 from fedmq.simulate.observer import Observer
 from fedmq.simulate.options import SimulationOptions
