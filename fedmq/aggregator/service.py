@@ -2,12 +2,15 @@
 
 The service owns the IO the coordinator asks for and nothing else::
 
-    MQTT message --> coordinator (under one lock) --> actions
+    MQTT message --> coordinator (under one lock) --> commands and events
         SaveState/SaveCheckpoint/SaveRecord/PruneUpdates  written before the lock is released
-        Publish/PublishBlob/ClearBlob                     queued, sent in order by one task
+        Publish/PublishBlob/ClearBlob                     queued, sent in order (outbound)
         VerifyUpdate                                      decoded in a worker thread
         PersistUpdate                                     batched, fsync'd, then reported back
-        ArmTimer/StatusChanged                            wake the timer / status tasks
+        ArmTimer                                          re-arms the timer task
+        StatusChanged/RoundClosed/UpdateRejected/…        counted, logged, status published
+
+At start the coordinator comes from the state directory (:mod:`~fedmq.aggregator.recovery`).
 
 Durable actions run while the lock is held, so the disk never lags behind a later
 decision; network actions are queued, so a broker outage never blocks the state
@@ -31,47 +34,42 @@ from typing import Any
 
 from fedmq.aggregator.config import AggregatorSettings
 from fedmq.aggregator.memory import trim_heap
+from fedmq.aggregator.outbound import Outbound
+from fedmq.aggregator.recovery import load_coordinator
 from fedmq.aggregator.store import StateStore
 from fedmq.bundle import Bundle
 from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
     ClearBlob,
-    CloseRound,
-    Finish,
-    Notice,
+    FederationFinished,
+    Noted,
     PersistUpdate,
     PruneUpdates,
     Publish,
     PublishBlob,
-    Rejected,
+    RoundClosed,
     SaveCheckpoint,
     SaveRecord,
     SaveState,
     StatusChanged,
     Ticket,
+    UpdateRejected,
     VerifyUpdate,
 )
 from fedmq.coordinator.coordinator import Coordinator
-from fedmq.coordinator.policy import CoordinatorConfig
 from fedmq.coordinator.validation import (
-    UpdateKey,
-    UpdateRejection,
     UpdateSchema,
     verify_assembled,
-    verify_update,
 )
 from fedmq.errors import DecodeError, InvalidTopicError, StateError, TransportError
 from fedmq.strategies.config import build_strategy
-from fedmq.strategies.strategy import Strategy
 from fedmq.timeouts import wait_event, within
-from fedmq.transport.blobs import clear_blob, publish_blob
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.control import AgentStatus, AggregatorStatus, decode_control, encode_control
 from fedmq.wire.topics import StatusTopic, UpdateChunkTopic
-from fedmq.wire.update import decode_update_meta
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +77,6 @@ VERIFY_WORKERS = 2  # concurrent update decodes: numpy/zstd release the GIL, 2 c
 MAX_COMMIT_BATCH = 64  # updates stored per fsync batch
 MIN_TIMER_DELAY = 0.01  # seconds: floor between timer callbacks, guards against a hot loop
 OFFLINE_PUBLISH_TIMEOUT = 5.0  # seconds: the last status on shutdown is best effort
-
-
-class _DurabilityError(Exception):
-    """Writing the state directory failed: the service must stop before acting further."""
 
 
 class AggregatorService:
@@ -107,7 +101,7 @@ class AggregatorService:
         self._wakeup: float | None = None
         self._timer_event = asyncio.Event()
         self._status_event = asyncio.Event()
-        self._outbound: asyncio.Queue[Publish | PublishBlob | ClearBlob] = asyncio.Queue()
+        self._outbound: Outbound | None = None
         self._commits: asyncio.Queue[Ticket] = asyncio.Queue()
         self._inflight = 0
         self._idle = asyncio.Event()
@@ -164,61 +158,13 @@ class AggregatorService:
         strategy = build_strategy(settings.strategy)
         store = StateStore(settings.state_dir)
         try:
-            self._coordinator, self._replayed = self._load(
-                store, config, strategy, schema, archive, bundle
+            self._coordinator, self._replayed = load_coordinator(
+                store, config, strategy, schema, archive, bundle.initial_parameters, self.clock()
             )
         except BaseException:
             store.close()  # a failed start must not keep the directory locked
             raise
         self._store = store
-
-    def _load(
-        self,
-        store: StateStore,
-        config: CoordinatorConfig,
-        strategy: Strategy,
-        schema: UpdateSchema,
-        archive: bytes,
-        bundle: Bundle,
-    ) -> tuple[Coordinator, list[Action]]:
-        settings = self.settings
-        now = self.clock()
-        snapshot = store.load_snapshot()
-        if snapshot is None:
-            log.info("new state directory %s", settings.state_dir)
-            fresh = Coordinator(
-                config, strategy, schema, archive, bundle.initial_parameters(), now=now
-            )
-            return fresh, []
-        checkpoint = snapshot.get("checkpoint")
-        if not isinstance(checkpoint, int):
-            raise StateError(f"{settings.state_dir}/state.json names no checkpoint")
-        params, optimizer = store.load_checkpoint(checkpoint)
-        coordinator = Coordinator.restore(
-            config, strategy, schema, archive, snapshot, params, optimizer, now=now
-        )
-        finished = coordinator.phase == "finished"
-        # Rounds before the open one live in checkpoints; a crash may have left their files.
-        store.prune_updates(coordinator.round + 1 if finished else coordinator.round)
-        replayed: list[Action] = []
-        stored = [] if finished else store.stored_updates(coordinator.round)
-        for item in stored:
-            data = item.path.read_bytes()
-            try:
-                meta, _ = decode_update_meta(data, schema.limits)
-            except DecodeError as exc:
-                raise StateError(f"stored update {item.path} is corrupt: {exc}") from exc
-            result = verify_update(UpdateKey(meta.client, meta.round, meta.update_id), data, schema)
-            if isinstance(result, UpdateRejection):
-                raise StateError(f"stored update {item.path} no longer verifies: {result.detail}")
-            replayed.extend(coordinator.replay(result, item.seq, now))
-        log.info(
-            "resumed round %d (%s) with %d stored updates",
-            coordinator.round,
-            coordinator.phase,
-            len(stored),
-        )
-        return coordinator, replayed
 
     # ------------------------------------------------------------------ main loop
 
@@ -243,11 +189,13 @@ class AggregatorService:
             on_connect=self._on_connect,
         )
         self._session = session
+        outbound = Outbound(session, topics, self.settings.client_id)
+        self._outbound = outbound
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
                 self._spawn(group, session.run(self._on_message), "receive")
-                self._spawn(group, self._send_loop(), "send")
+                self._spawn(group, outbound.run(), "send")
                 self._spawn(group, self._commit_loop(), "commit")
                 self._spawn(group, self._timer_loop(), "timer")
                 self._spawn(group, self._status_loop(), "status")
@@ -302,7 +250,7 @@ class AggregatorService:
                 grace,
             )
         with contextlib.suppress(TimeoutError):
-            await within(self._outbound.join(), grace)
+            await within(self._out().wait_sent(), grace)
         session = self._session
         if session is not None and session.is_connected and self._coordinator is not None:
             for action in self.coordinator.shutdown(self.clock()):
@@ -385,7 +333,7 @@ class AggregatorService:
     def _dispatch(self, action: Action) -> None:
         match action:
             case Publish() | PublishBlob() | ClearBlob():
-                self._outbound.put_nowait(action)
+                self._out().put(action)
             case VerifyUpdate():
                 self._begin_work()
                 self._background(self._verify(action), "verify")
@@ -397,7 +345,7 @@ class AggregatorService:
                 self._timer_event.set()
             case StatusChanged():
                 self._status_event.set()
-            case Rejected():
+            case UpdateRejected():
                 self.counters[f"rejected.{action.reason}"] += 1
                 log.warning(
                     "rejected %s from %s (round %d): %s",
@@ -406,20 +354,27 @@ class AggregatorService:
                     action.round,
                     action.detail,
                 )
-            case Notice():
+            case Noted():
                 log.log(
                     logging.WARNING if action.level == "warning" else logging.INFO,
                     "%s",
                     action.message,
                 )
-            case CloseRound():
+            case RoundClosed():
                 self.counters[f"rounds.{action.outcome}"] += 1
                 log.info("round %d %s (%s)", action.round, action.outcome, action.reason)
-            case Finish():
+            case FederationFinished():
                 self.finished = True
                 log.info("federation finished: %s", action.reason)
+                # The final status goes out before a service that exits now stops.
+                self._queue_status()
                 if self.settings.exit_when_finished:
                     self._background(self._stop_when_sent(), "finish")
+
+    def _out(self) -> Outbound:
+        if self._outbound is None:
+            raise StateError("the service is not running")
+        return self._outbound
 
     def _begin_work(self) -> None:
         self._inflight += 1
@@ -431,7 +386,7 @@ class AggregatorService:
             self._idle.set()
 
     async def _stop_when_sent(self) -> None:
-        await self._outbound.join()
+        await self._out().wait_sent()
         self.request_stop()
 
     async def _verify(self, action: VerifyUpdate) -> None:
@@ -476,36 +431,6 @@ class AggregatorService:
                 # pages of every buffer would cost the intake CPU).
                 await asyncio.to_thread(trim_heap)
 
-    async def _send_loop(self) -> None:
-        session = self._session
-        assert session is not None
-        topics = self.coordinator.topics
-        while True:
-            action = await self._outbound.get()
-            try:
-                match action:
-                    case Publish():
-                        await session.publish(
-                            action.topic, action.payload, qos=action.qos, retain=action.retain
-                        )
-                    case PublishBlob():
-                        await publish_blob(
-                            session,
-                            topics,
-                            action.data,
-                            action.ref,
-                            sender=self.settings.client_id,
-                            round_id=action.round,
-                        )
-                    case ClearBlob():
-                        await clear_blob(session, topics, action.ref)
-            except TransportError as exc:
-                # Retained state is published again after the reconnect; an agent whose
-                # ack was lost re-sends and is acked as a duplicate.
-                log.warning("publish failed: %s", exc)
-            finally:
-                self._outbound.task_done()
-
     async def _timer_loop(self) -> None:
         while True:
             self._timer_event.clear()
@@ -522,16 +447,15 @@ class AggregatorService:
         while True:
             await self._status_event.wait()
             self._status_event.clear()
-            if self._coordinator is not None:
-                status = self.coordinator.status(self.clock())
-                self._outbound.put_nowait(
-                    Publish(
-                        self.coordinator.topics.aggregator_status(),
-                        encode_control(status),
-                        retain=True,
-                    )
-                )
+            self._queue_status()
             await asyncio.sleep(self.settings.status_interval_s)
+
+    def _queue_status(self) -> None:
+        if self._coordinator is None:
+            return
+        status = self.coordinator.status(self.clock())
+        topic = self.coordinator.topics.aggregator_status()
+        self._out().put(Publish(topic, encode_control(status), retain=True))
 
 
 async def serve(settings: AggregatorSettings) -> AggregatorService:

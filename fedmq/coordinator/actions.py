@@ -1,10 +1,18 @@
-"""What the coordinator asks its service to do: plain records, executed in order.
+"""What the coordinator returns: commands to execute and events to report, in order.
 
 The coordinator never performs IO.  Every input method returns a list of actions; the
 service executes them in list order (so "save the checkpoint, then the state, then
 announce" is expressed by position) and reports back the results the coordinator
 needs (:meth:`~fedmq.coordinator.coordinator.Coordinator.verified`,
 :meth:`~fedmq.coordinator.coordinator.Coordinator.persisted`).
+
+Two kinds, told apart by their names:
+
+- **commands** (imperative: ``Publish``, ``SaveState`` …) the service must carry out.
+  The :data:`DurableCommand` ones carry the durability contract: they are on disk
+  before any later action runs, and a failure stops the service.
+- **events** (past tense: ``RoundClosed``, ``UpdateRejected`` …) only report what
+  happened, for logs, counters and status; skipping one loses no state.
 """
 
 from __future__ import annotations
@@ -131,8 +139,11 @@ class PruneUpdates:
     before: int
 
 
+# ---------------------------------------------------------------------------- events
+
+
 @dataclass(frozen=True)
-class Rejected:
+class UpdateRejected:
     """An update or chunk was rejected (for logs and counters; any ack is a separate action)."""
 
     client: str
@@ -143,7 +154,7 @@ class Rejected:
 
 
 @dataclass(frozen=True)
-class Notice:
+class Noted:
     """Something worth a log line that is neither a rejection nor a round change."""
 
     level: Literal["info", "warning"]
@@ -156,7 +167,7 @@ class StatusChanged:
 
 
 @dataclass(frozen=True)
-class CloseRound:
+class RoundClosed:
     """A round ended: ``closed`` with a new model, or ``failed`` below quorum."""
 
     round: int
@@ -165,26 +176,18 @@ class CloseRound:
 
 
 @dataclass(frozen=True)
-class Finish:
+class FederationFinished:
     """The federation has run its last round; the service may exit."""
 
     reason: str
 
 
-Action = (
-    Publish
-    | PublishBlob
-    | ClearBlob
-    | ArmTimer
-    | VerifyUpdate
-    | PersistUpdate
-    | SaveCheckpoint
-    | SaveRecord
-    | SaveState
-    | PruneUpdates
-    | Rejected
-    | Notice
-    | StatusChanged
-    | CloseRound
-    | Finish
+DurableCommand = SaveState | SaveCheckpoint | SaveRecord | PruneUpdates
+"""Written to the state directory before the next action runs (``PersistUpdate`` is
+durable too, but batched: the coordinator waits for ``persisted`` before relying on it)."""
+
+Command = (
+    Publish | PublishBlob | ClearBlob | ArmTimer | VerifyUpdate | PersistUpdate | DurableCommand
 )
+Event = UpdateRejected | Noted | StatusChanged | RoundClosed | FederationFinished
+Action = Command | Event

@@ -94,11 +94,11 @@ class BlobLedger:
             self._published.discard(ref.sha256)
         return [ClearBlob(ref) for ref in stale]
 
-    def retained(self) -> list[dict[str, Any]]:
+    def retained(self) -> list[BlobRef]:
         """The retained blobs, for the snapshot."""
-        return [ref_json(ref) for ref in self._retained.values()]
+        return list(self._retained.values())
 
-    def load_retained(self, refs: Iterable[Mapping[str, Any]]) -> None:
+    def load_retained(self, refs: Iterable[BlobRef]) -> None:
         """Restore :meth:`retained`."""
-        self._retained = {ref.sha256: ref for ref in map(ref_from, refs)}
+        self._retained = {ref.sha256: ref for ref in refs}
         self._retained.setdefault(self.bundle_ref.sha256, self.bundle_ref)

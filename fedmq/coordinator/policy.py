@@ -184,8 +184,3 @@ class CoordinatorConfig:
             raise ConfigError(f"settle_s {self.settle_s} must be >= 0")
         if self.reconnect_settle_s < 0:
             raise ConfigError(f"reconnect_settle_s {self.reconnect_settle_s} must be >= 0")
-
-    @property
-    def max_staleness(self) -> int:
-        """Staleness bound of the active mode."""
-        return self.buffer.max_staleness if self.mode == "async" else self.sync.max_staleness

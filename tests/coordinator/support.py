@@ -18,16 +18,16 @@ from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
     ClearBlob,
-    CloseRound,
-    Finish,
+    FederationFinished,
     PersistUpdate,
     Publish,
     PublishBlob,
-    Rejected,
+    RoundClosed,
     SaveCheckpoint,
     SaveRecord,
     SaveState,
     Ticket,
+    UpdateRejected,
     VerifyUpdate,
 )
 from fedmq.coordinator.coordinator import Coordinator
@@ -151,9 +151,9 @@ class Harness:
     checkpoints: dict[int, SaveCheckpoint] = field(default_factory=dict)
     snapshots: list[dict[str, Any]] = field(default_factory=list)
     stored: list[Ticket] = field(default_factory=list)
-    rejected: list[Rejected] = field(default_factory=list)
-    closed: list[CloseRound] = field(default_factory=list)
-    finished: list[Finish] = field(default_factory=list)
+    rejected: list[UpdateRejected] = field(default_factory=list)
+    closed: list[RoundClosed] = field(default_factory=list)
+    finished: list[FederationFinished] = field(default_factory=list)
     timer: float | None = None
     hold_persist: bool = False  # leave PersistUpdate tickets pending (crash tests)
     pending: list[Ticket] = field(default_factory=list)
@@ -197,11 +197,11 @@ class Harness:
                     self.checkpoints[action.round] = action
                 case SaveState():
                     self.snapshots.append(action.snapshot)
-                case Rejected():
+                case UpdateRejected():
                     self.rejected.append(action)
-                case CloseRound():
+                case RoundClosed():
                     self.closed.append(action)
-                case Finish():
+                case FederationFinished():
                     self.finished.append(action)
                 case ArmTimer():
                     self.timer = action.at

@@ -1,0 +1,33 @@
+"""What ``AggregatorService.statistics()`` returns: a frozen snapshot of its counters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fedmq.coordinator.lifecycle import Phase
+
+
+@dataclass(frozen=True)
+class AggregatorStatistics:
+    """A snapshot of what the service has done since it started (tests, logs, benchmarks).
+
+    Args:
+        phase: the round lifecycle phase (None before the state directory is loaded).
+        round: the current round (the open one, or the next to open).
+        connections: successful broker connections so far.
+        updates_accepted: updates stored, folded and acked.
+        rejected: rejections of updates or chunks, by reason.
+        rounds_closed: rounds closed with a new model.
+        rounds_failed: rounds that ended without one.
+        finished: the federation has run its last round.
+    """
+
+    phase: Phase | None
+    round: int | None
+    connections: int
+    updates_accepted: int
+    rejected: Mapping[str, int]
+    rounds_closed: int
+    rounds_failed: int
+    finished: bool

@@ -1,0 +1,234 @@
+"""The life of a round: open, extend, close or fail, advance, finish, and announce it.
+
+The mode's rules (:mod:`~fedmq.coordinator.rules`) decide; this class executes their
+decisions on the federation state, moving the phase only through
+:func:`~fedmq.coordinator.lifecycle.transition`, and returns the actions that make
+each step durable and public (state first, then blobs, then the announcement).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fedmq.coordinator.actions import (
+    Action,
+    FederationFinished,
+    Noted,
+    PruneUpdates,
+    Publish,
+    RoundClosed,
+    SaveCheckpoint,
+    SaveRecord,
+    SaveState,
+)
+from fedmq.coordinator.lifecycle import ANNOUNCED, transition
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.roster import Roster
+from fedmq.coordinator.round_state import RoundState
+from fedmq.coordinator.rules import Close, Extend, Fail, RoundRules
+from fedmq.coordinator.state import FederationState
+from fedmq.coordinator.validation import UpdateSchema
+from fedmq.errors import LocalProtocolError
+from fedmq.strategies.strategy import Strategy
+from fedmq.wire.control import RoundAnnouncement, encode_control
+from fedmq.wire.tensors import encode_tensors
+from fedmq.wire.topics import Topics
+
+
+class RoundFlow:
+    """Opens and ends the rounds of one federation.
+
+    Args:
+        config: federation and round policy.
+        rules: the mode's open/close rules.
+        strategy: how the folded updates become the next model.
+        schema: the update layout (for the strategy's next round).
+        topics: the federation's topics.
+        roster: which agents are online or gone.
+        state: the federation state this flow moves forward.
+        not_before: no round opens, and no absence or deadline is judged, before this
+            unix time (retained statuses may still be arriving after a (re)start).
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        rules: RoundRules,
+        strategy: Strategy,
+        schema: UpdateSchema,
+        topics: Topics,
+        roster: Roster,
+        state: FederationState,
+        *,
+        not_before: float,
+    ) -> None:
+        self.config = config
+        self.rules = rules
+        self.strategy = strategy
+        self.schema = schema
+        self.topics = topics
+        self.roster = roster
+        self.state = state
+        self.not_before = not_before
+        self.started = False  # no round opens or closes before the service has started
+
+    def apply_rules(self, now: float) -> list[Action]:
+        """Open the waiting round or close the collecting one, if its rules say so."""
+        if self.state.round.phase == "waiting":
+            return self.try_open(now)
+        if self.state.round.phase == "collecting":
+            return self.maybe_close(now)
+        return []
+
+    def try_open(self, now: float) -> list[Action]:
+        """Open the waiting round if the rules say enough agents are online."""
+        r = self.state.round
+        if r.phase != "waiting" or not self.started or now < self.not_before:
+            return []
+        decision = self.rules.decide_open(self.roster.online(now), r.number, now)
+        if decision is None:
+            return []
+        # The round object is kept: late updates may already have been folded into it.
+        r.phase = transition(r.phase, "open")
+        r.opened_at = now
+        r.deadline = decision.deadline
+        r.selected = decision.selected
+        r.target = decision.target
+        self.state.history.select(r.number, decision.selected)
+        return self.announce(now)
+
+    def maybe_close(self, now: float) -> list[Action]:
+        """Close, extend or fail the collecting round if its rules say so."""
+        r = self.state.round
+        if r.phase != "collecting" or r.reserved or not self.started:
+            return []
+        progress = r.progress(lambda c: self.roster.is_gone(c, now), settled=now >= self.not_before)
+        decision = self.rules.decide_close(progress, now)
+        match decision:
+            case Close(reason):
+                return self._close(now, reason)
+            case Fail(reason):
+                return self._end_round(now, "failed", reason)
+            case Extend():
+                r.phase = transition(r.phase, "extend")
+                r.deadline = decision.deadline
+                r.extended = r.extended or decision.marks_extended
+                notes: list[Action] = []
+                if decision.warning is not None:
+                    notes.append(Noted("warning", decision.warning))
+                return [*notes, *self.announce(now)]
+        return []
+
+    def _close(self, now: float, reason: str) -> list[Action]:
+        try:
+            new_values = self.strategy.finalize(self.state.params)
+        except LocalProtocolError as exc:
+            # E.g. Krum with fewer than f + 3 updates: the round fails, the service lives.
+            message = f"round {self.state.round.number}: {exc}"
+            return [Noted("warning", message), *self._end_round(now, "failed", "strategy")]
+        params = dict(self.state.params)
+        params.update(new_values)
+        self.state.params = params
+        self.state.blobs.set_params(encode_tensors(self.state.params).data)
+        return self._end_round(now, "closed", reason)
+
+    def _end_round(
+        self, now: float, outcome: Literal["closed", "failed"], reason: str
+    ) -> list[Action]:
+        r = self.state.round
+        record = r.record(now, outcome, reason, self.strategy.name)
+        # A checkpoint exists for every round number (a failed round's model is unchanged).
+        self.state.checkpoint = r.number
+        if outcome == "closed":
+            self.state.completed += 1
+            self.state.last_metrics = dict(record.metrics)
+        else:
+            self.state.failed += 1
+        actions: list[Action] = [
+            RoundClosed(r.number, outcome, reason),
+            SaveCheckpoint(r.number, self.state.blobs.params_blob, self.encode_optimizer()),
+            SaveRecord(record),
+        ]
+        actions.extend(self._advance(now, record))
+        return actions
+
+    def _advance(self, now: float, record: RoundRecord) -> list[Action]:
+        r = self.state.round
+        self.state.history.forget(r.number, self.config.dedupe_rounds, self.rules.max_staleness)
+        target = self.config.target_metric
+        if (
+            target is not None
+            and record.outcome == "closed"
+            and target.reached(dict(record.metrics))
+        ):
+            return [
+                *self._finish(now, f"{target.name} reached {target.value}"),
+                PruneUpdates(r.number + 1),
+            ]
+        if r.number >= self.config.rounds:
+            return [
+                *self._finish(now, f"ran {self.config.rounds} rounds"),
+                PruneUpdates(r.number + 1),
+            ]
+        self.state.round = RoundState(r.number + 1, transition(r.phase, "advance"))
+        self.strategy.begin_round(r.number + 1, self.schema.layout)
+        actions = self.try_open(now)
+        if self.state.round.phase == "waiting":
+            # Not enough agents online yet.  Replace the retained announcement of the
+            # round that just closed, or an agent connecting now would train it (and be
+            # rejected as round_closed); this also makes the closed round durable.
+            actions = self.announce(now)
+        actions.append(PruneUpdates(r.number + 1))
+        return actions
+
+    def _finish(self, now: float, reason: str) -> list[Action]:
+        # The last round's counts stay visible in the final status.
+        self.state.round.phase = transition(self.state.round.phase, "finish")
+        self.state.finish_reason = reason
+        return [*self.announce(now), FederationFinished(reason)]
+
+    # ------------------------------------------------------------------ publishing
+
+    def _announcement(self, now: float) -> RoundAnnouncement:
+        r = self.state.round
+        return RoundAnnouncement(
+            federation=self.config.federation,
+            aggregator=self.config.aggregator_id,
+            round=r.number,
+            status=ANNOUNCED[r.phase],
+            mode=self.config.mode,
+            issued_at=r.opened_at or now,
+            deadline=r.deadline or now,
+            bundle=self.state.blobs.bundle_ref,
+            params=self.state.blobs.params_ref,
+            training=self.strategy.training_config(self.config.training),
+            codec=self.config.codec,
+            chunk_size=self.config.chunk_size,
+            selected=list(r.selected) if r.selected is not None else None,
+        )
+
+    def announcement_action(self, now: float) -> Publish:
+        """The retained announcement of the current round, as a publish."""
+        payload = encode_control(self._announcement(now))
+        return Publish(self.topics.round(), payload, retain=True)
+
+    def clear_unreferenced(self) -> list[Action]:
+        """Clear retained blobs no announcement names any more (then save the state)."""
+        cleared = self.state.blobs.clear_stale()
+        if not cleared:
+            return []
+        return [*cleared, SaveState(self.state.snapshot(self.config).to_json())]
+
+    def announce(self, now: float) -> list[Action]:
+        """Make the current round public: state first, then blobs, then the announcement."""
+        self.state.blobs.record_referenced()
+        actions: list[Action] = [SaveState(self.state.snapshot(self.config).to_json())]
+        actions.extend(self.state.blobs.publish(self.state.round.number))
+        actions.append(self.announcement_action(now))
+        actions.extend(self.clear_unreferenced())
+        return actions
+
+    def encode_optimizer(self) -> bytes:
+        """The server optimizer state as a tensor-set blob (saved with checkpoints)."""
+        return encode_tensors(self.strategy.state_dict()).data

@@ -1,0 +1,96 @@
+"""What a federation is at any moment: the round, the model, the blobs, the counts.
+
+One object shared by the two halves of the coordinator (the update path in
+:mod:`~fedmq.coordinator.coordinator`, the round path in
+:mod:`~fedmq.coordinator.round_flow`) and captured whole by every snapshot.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy.typing as npt
+
+from fedmq.coordinator.history import History
+from fedmq.coordinator.ledger import BlobLedger
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.round_state import RoundState
+from fedmq.coordinator.snapshot import Snapshot
+
+Params = dict[str, npt.NDArray[Any]]
+
+
+@dataclass
+class FederationState:
+    """The coordinator's durable state (see :class:`~fedmq.coordinator.snapshot.Snapshot`).
+
+    Args:
+        params: the current global parameters and buffers.
+        blobs: retained blobs and the current parameter blob.
+        round: the open round, the one waiting to open, or the last one once finished.
+        history: recent update ids, contributors and selections (duplicates, late updates).
+        checkpoint: the round the current parameters were saved after.
+        seq: sequence number of the next accepted update.
+        completed: rounds closed with a new model.
+        failed: rounds that ended without one.
+        last_metrics: the last closed round's example-weighted metrics.
+        finish_reason: why the federation finished (None while it runs).
+    """
+
+    params: Params
+    blobs: BlobLedger
+    round: RoundState = field(default_factory=lambda: RoundState(1, "waiting"))
+    history: History = field(default_factory=History)
+    checkpoint: int = 0
+    seq: int = 0
+    completed: int = 0
+    failed: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    finish_reason: str | None = None
+
+    def snapshot(self, config: CoordinatorConfig) -> Snapshot:
+        """Everything needed to rebuild this state, besides the checkpoint blobs."""
+        r = self.round
+        return Snapshot(
+            federation=config.federation,
+            aggregator=config.aggregator_id,
+            mode=config.mode,
+            bundle=self.blobs.bundle_ref,
+            params=self.blobs.params_ref,
+            round=r.number,
+            phase=r.phase,
+            opened_at=r.opened_at,
+            deadline=r.deadline,
+            extended=r.extended,
+            selected=r.selected,
+            target=r.target,
+            seq=self.seq,
+            checkpoint=self.checkpoint,
+            completed=self.completed,
+            failed=self.failed,
+            blobs=tuple(self.blobs.retained()),
+            history=self.history,
+            metrics=dict(self.last_metrics),
+            finish_reason=self.finish_reason,
+        )
+
+    def load(self, snap: Snapshot) -> None:
+        """Take over a stored snapshot (the parameters come from its checkpoint)."""
+        self.round = RoundState(
+            number=snap.round,
+            phase=snap.phase,
+            opened_at=snap.opened_at,
+            deadline=snap.deadline,
+            extended=snap.extended,
+            selected=snap.selected,
+            target=snap.target,
+        )
+        self.blobs.load_retained(snap.blobs)
+        self.history = snap.history
+        self.seq = snap.seq
+        self.checkpoint = snap.checkpoint
+        self.completed = snap.completed
+        self.failed = snap.failed
+        self.last_metrics = dict(snap.metrics)
+        self.finish_reason = snap.finish_reason

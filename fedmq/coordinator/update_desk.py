@@ -1,0 +1,160 @@
+"""The life of an update in the coordinator: admission, verdicts, acks, acceptance.
+
+Chunks are reassembled by :class:`~fedmq.coordinator.intake.UpdateIntake`; this desk
+decides on the first chunk whether buffering the update is worth it, on the verified
+update whether it counts (:func:`~fedmq.coordinator.admission.decide`), folds accepted
+updates into the round once durable, and writes every ack.  A rejection of an agent
+the round is waiting for lets the round flow re-check whether it can close.
+"""
+
+from __future__ import annotations
+
+from fedmq.coordinator.actions import Action, Publish, Ticket, UpdateRejected
+from fedmq.coordinator.admission import Ignore, decide
+from fedmq.coordinator.intake import ChunkProblem, Verdict
+from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.records import Contribution
+from fedmq.coordinator.roster import Roster
+from fedmq.coordinator.round_flow import RoundFlow
+from fedmq.coordinator.rules import Accept
+from fedmq.coordinator.staleness import staleness_weight
+from fedmq.coordinator.state import FederationState
+from fedmq.coordinator.validation import UpdateKey, VerifiedUpdate
+from fedmq.strategies.strategy import Strategy
+from fedmq.wire.chunks import ChunkHeader
+from fedmq.wire.control import Ack, encode_control
+from fedmq.wire.topics import Topics
+
+
+class UpdateDesk:
+    """Verdicts and acks for one federation's updates.
+
+    Args:
+        config: federation policy (its id, the allow list).
+        topics: the federation's topics (acks).
+        roster: which agents are known.
+        strategy: folds accepted updates.
+        state: the federation state (round, history).
+        flow: the round flow (re-checked when a waited-for agent is refused).
+    """
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        topics: Topics,
+        roster: Roster,
+        strategy: Strategy,
+        state: FederationState,
+        flow: RoundFlow,
+    ) -> None:
+        self.config = config
+        self.topics = topics
+        self.roster = roster
+        self.strategy = strategy
+        self.state = state
+        self.flow = flow
+
+    def known(self, client: str) -> bool:
+        """Whether ``client`` may send updates (its status was seen, or it took part)."""
+        if self.roster.is_known(client):
+            return True
+        # Selected or contributing agents were known when it mattered; after a restart
+        # their retained status may simply not have arrived yet.
+        return self.roster.allowed is None and self.state.history.remembers(client)
+
+    def admit(self, header: ChunkHeader, now: float) -> Verdict | None:
+        """Early verdict on the first chunk of an update (None: reassemble it)."""
+        assert header.update_id is not None
+        decision = self.decide(UpdateKey(header.sender, header.round, header.update_id), None, now)
+        return decision if isinstance(decision, Verdict) else None
+
+    def decide(
+        self, key: UpdateKey, base_round: int | None, now: float
+    ) -> Accept | Verdict | Ignore:
+        """Whether update ``key`` (trained on ``base_round``; None: unknown yet) counts."""
+        return decide(
+            key,
+            base_round,
+            state=self.state.round,
+            history=self.state.history,
+            rules=self.flow.rules,
+            known=self.known(key.client),
+            settling=now < self.flow.not_before,
+        )
+
+    def answer(self, key: UpdateKey, verdict: Verdict, now: float) -> list[Action]:
+        """Ack ``verdict``; a refusal is counted and ends the wait for that agent."""
+        r = self.state.round
+        actions: list[Action] = [self.ack(key, verdict, now)]
+        if not verdict.accepted:
+            r.rejected[verdict.reason] += 1
+            actions.append(
+                UpdateRejected(key.client, key.round, key.update_id, verdict.reason, verdict.detail)
+            )
+            if (
+                r.phase == "collecting"
+                and key.round == r.number
+                and r.selected is not None
+                and key.client in r.selected
+            ):
+                # A rejected agent will not send again this round: stop waiting for it.
+                r.answered.add(key.client)
+                actions.extend(self.flow.maybe_close(now))
+        return actions
+
+    def chunk_problem(self, problem: ChunkProblem) -> list[Action]:
+        """Count and report a chunk that could not join any update."""
+        self.state.round.rejected[problem.reason] += 1
+        return [UpdateRejected(problem.client, problem.round, None, problem.reason, problem.detail)]
+
+    def ack(self, key: UpdateKey, verdict: Verdict, now: float) -> Publish:
+        """The ack of ``verdict``, on the agent's ack topic."""
+        ack = Ack(
+            federation=self.config.federation,
+            client=key.client,
+            round=key.round,
+            update_id=key.update_id,
+            accepted=verdict.accepted,
+            reason=verdict.reason,
+            detail=verdict.detail[:1024],
+            ts=now,
+        )
+        return Publish(self.topics.ack(key.client), encode_control(ack))
+
+    def commit(self, ticket: Ticket, now: float) -> list[Action]:
+        """Fold a durable ticket's update into the round, remember it, ack it."""
+        r = self.state.round
+        update = ticket.update
+        meta = update.meta
+        r.reserved.pop((ticket.key.client, ticket.key.update_id), None)
+        weight = ticket.weight
+        self.strategy.fold(update.delta, weight)
+        r.contributions.append(
+            Contribution(
+                client=meta.client,
+                update_id=meta.update_id,
+                round=meta.round,
+                base_round=meta.base_round,
+                examples=meta.num_examples,
+                weight=weight,
+                staleness=ticket.staleness,
+                metrics=dict(meta.metrics),
+            )
+        )
+        self.state.history.record(meta.client, meta.update_id, meta.round, r.number)
+        if ticket.staleness == 0:
+            r.on_time.add(meta.client)
+            r.answered.add(meta.client)
+        verdict = Verdict(True, "accepted", f"round {r.number}, weight {weight:.6g}")
+        return [self.ack(ticket.key, verdict, now)]
+
+    def reserve(self, update: VerifiedUpdate, staleness: int, seq: int | None = None) -> Ticket:
+        """Reserve the next sequence number (or ``seq``, replaying) for an accepted update.
+
+        The update counts only once :meth:`commit` runs on the ticket, after it is durable.
+        """
+        state = self.state
+        weight = update.meta.num_examples * staleness_weight(staleness)
+        number = state.seq if seq is None else seq
+        state.seq = max(state.seq, number + 1)
+        return Ticket(number, state.round.number, update, weight, staleness)
