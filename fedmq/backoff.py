@@ -19,8 +19,9 @@ class Backoff:
     """Capped exponential backoff with "equal jitter".
 
     The n-th delay is uniform in ``[c/2, c]`` with ``c = min(maximum, initial *
-    factor**n)``: spread out like AWS's "full jitter" but never shorter than half the
-    ceiling, so a fleet backs off for real while no two devices retry in lockstep.
+    factor**n)``: random enough that no two devices retry in lockstep, and never shorter
+    than half the ceiling (a delay drawn from ``[0, c]`` may be zero), so a fleet backs
+    off for real.
     """
 
     initial: float = BACKOFF_INITIAL

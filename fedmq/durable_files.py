@@ -4,6 +4,10 @@ Devices and servers lose power without warning, so every file a service relies o
 a restart is written to a temporary name, fsync'd, renamed over the target and the
 directory fsync'd: after a crash the target holds the old or the new content, never a
 mix.  A state directory is owned by one process at a time, through an exclusive lock.
+
+This module is the only place fedmq writes such files: :func:`write_file` for one file,
+:func:`write_files` for a batch that shares its fsyncs, :func:`remove_temporaries` for
+what a crash mid-write left behind, and :func:`lock_directory` for ownership.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 from fedmq.buffers import Buffer
@@ -53,6 +58,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _write_temp(path: Path, data: Buffer, *, sync: bool) -> Path:
+    """Write ``data`` under ``path``'s temporary name (fsync'd if ``sync``); return that name."""
+    temp = temp_path(path)
+    with open(temp, "wb") as handle:
+        handle.write(data)
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
+    return temp
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file's content to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file(path: Path, data: Buffer, *, durable: bool = True) -> None:
     """Write ``data`` to ``path`` without leaving a partial file behind.
 
@@ -62,15 +87,40 @@ def write_file(path: Path, data: Buffer, *, durable: bool = True) -> None:
         durable: fsync the file and its directory; False for files that are verified on
             read anyway (blob chunks), where a lost write only costs a re-download.
     """
-    tmp = temp_path(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    os.replace(_write_temp(path, data, sync=durable), path)
     if durable:
         fsync_dir(path.parent)
+
+
+def write_files(files: Sequence[tuple[Path, Buffer]]) -> None:
+    """Durably write several files, as :func:`write_file` does one, sharing the fsyncs.
+
+    Everything is written first and fsync'd after: the first fsync's journal commit
+    flushes most of the batch, so the others return quickly (a group commit).  Then every
+    temporary is renamed over its target and each directory is fsync'd once.
+
+    Args:
+        files: ``(target, content)`` pairs; the targets' directories must exist.
+
+    Raises:
+        OSError: the disk refused; none of the batch may be considered written (targets
+            renamed before the failure hold complete content, and temporaries left
+            behind are what :func:`remove_temporaries` deletes).
+    """
+    temps = [(_write_temp(path, data, sync=False), path) for path, data in files]
+    for temp, _ in temps:
+        fsync_file(temp)
+    for temp, path in temps:
+        os.replace(temp, path)
+    for directory in dict.fromkeys(path.parent for _, path in temps):
+        fsync_dir(directory)
+
+
+def remove_temporaries(root: Path) -> None:
+    """Delete every temporary a crash left under ``root`` (its owner holds the lock)."""
+    for temp in root.rglob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            temp.unlink()
 
 
 def remove_tree(path: Path) -> None:

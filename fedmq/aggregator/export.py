@@ -8,22 +8,15 @@ runtime with only ``input`` fed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 
+from fedmq.aggregator.store import checkpoint_file, checkpoint_rounds
 from fedmq.bundle import Bundle
+from fedmq.durable_files import write_file
 from fedmq.errors import BundleError, DecodeError, StateError
 from fedmq.wire.tensors import decode_tensors
-
-
-def available_rounds(state_dir: Path) -> list[int]:
-    """Rounds with a checkpoint in ``state_dir`` (0 is the initial model)."""
-    directory = state_dir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.stem) for p in directory.glob("*.params") if p.stem.isdigit())
 
 
 def export_onnx(state_dir: Path, bundle_dir: Path, out: Path, round_id: int | None = None) -> int:
@@ -47,13 +40,13 @@ def export_onnx(state_dir: Path, bundle_dir: Path, out: Path, round_id: int | No
     import onnx  # noqa: PLC0415
     from onnx import numpy_helper  # noqa: PLC0415
 
-    rounds = available_rounds(state_dir)
+    rounds = checkpoint_rounds(state_dir)
     if not rounds:
         raise StateError(f"{state_dir} holds no checkpoint (has the aggregator run there?)")
     chosen = rounds[-1] if round_id is None else round_id
     if chosen not in rounds:
         raise StateError(f"no checkpoint for round {chosen}; available: {rounds[0]}..{rounds[-1]}")
-    path = state_dir / "checkpoints" / f"{chosen:06d}.params"
+    path = checkpoint_file(state_dir, chosen)
     try:
         params = decode_tensors(path.read_bytes())
     except (OSError, DecodeError) as exc:
@@ -80,10 +73,8 @@ def export_onnx(state_dir: Path, bundle_dir: Path, out: Path, round_id: int | No
     if missing:
         raise BundleError(f"model.onnx has no initializer for {missing[:5]}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    temp = out.with_name(f".{out.name}.tmp")
-    temp.write_bytes(model.SerializeToString())
-    os.replace(temp, out)
+    write_file(out, model.SerializeToString())
     return chosen
 
 
-__all__ = ["available_rounds", "export_onnx"]
+__all__ = ["export_onnx"]

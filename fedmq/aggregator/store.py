@@ -11,19 +11,17 @@
                                              accepted update envelopes, as received
       rounds/<round>/record.json             how the round went (metrics, contributors)
 
-Every file is written to a temporary name in its final directory, fsync'd, renamed over
-its final name and the directory fsync'd: after a crash a file is either complete or
-absent.  Updates are written in batches (one directory fsync per batch) because their
-fsyncs dominate ingest time.
+Every file is written through :mod:`fedmq.durable_files` (a temporary name in its final
+directory, fsync'd, renamed over its final name, the directory fsync'd): after a crash a
+file is either complete or absent.  Updates are written in batches that share their
+fsyncs (:func:`~fedmq.durable_files.write_files`) because those dominate ingest time.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,13 @@ from typing import Any
 from fedmq.buffers import Buffer
 from fedmq.coordinator.actions import Ticket
 from fedmq.coordinator.records import RoundRecord
-from fedmq.durable_files import TMP_SUFFIX, fsync_dir, lock_directory, temp_path
+from fedmq.durable_files import (
+    lock_directory,
+    remove_temporaries,
+    remove_tree,
+    write_file,
+    write_files,
+)
 from fedmq.errors import StateError
 
 STATE_FILE = "state.json"
@@ -42,29 +46,30 @@ _UPDATE_NAME = re.compile(
 )
 
 
-def _write_temp(path: Path, data: Buffer, *, sync: bool = True) -> Path:
-    temp = temp_path(path)
-    with open(temp, "wb") as stream:
-        stream.write(data)
-        stream.flush()
-        if sync:
-            os.fsync(stream.fileno())
-    return temp
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: Buffer) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new content."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(_write_temp(path, data), path)
-    fsync_dir(path.parent)
+    write_file(path, data)
+
+
+def _round_name(round_id: int) -> str:
+    return f"{round_id:0{_ROUND_DIGITS}d}"
+
+
+def checkpoint_file(state_dir: Path, round_id: int, kind: str = "params") -> Path:
+    """Path of a checkpoint file (``params`` or ``optimizer``) in ``state_dir``."""
+    return state_dir / "checkpoints" / f"{_round_name(round_id)}.{kind}"
+
+
+def checkpoint_rounds(state_dir: Path) -> list[int]:
+    """Rounds with a stored global model in ``state_dir`` (0: the initial one), ascending.
+
+    Reads without the lock, so it works beside a running service.
+    """
+    directory = state_dir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(path.stem) for path in directory.glob("*.params") if path.stem.isdigit())
 
 
 @dataclass(frozen=True)
@@ -97,7 +102,7 @@ class StateStore:
             ) from None
         except OSError as exc:
             raise StateError(f"cannot use state directory {root}: {exc}") from exc
-        self._remove_temporaries()
+        remove_temporaries(root)
 
     def close(self) -> None:
         """Release the directory."""
@@ -111,20 +116,11 @@ class StateStore:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
-    def _remove_temporaries(self) -> None:
-        for temp in self.root.rglob(f".*{TMP_SUFFIX}"):
-            with contextlib.suppress(OSError):
-                temp.unlink()
-
     # ------------------------------------------------------------------ paths
-
-    @staticmethod
-    def _round_name(round_id: int) -> str:
-        return f"{round_id:0{_ROUND_DIGITS}d}"
 
     def round_dir(self, round_id: int) -> Path:
         """Directory of one round's files."""
-        return self.root / "rounds" / self._round_name(round_id)
+        return self.root / "rounds" / _round_name(round_id)
 
     def updates_dir(self, round_id: int) -> Path:
         """Directory of the updates accepted into ``round_id``."""
@@ -132,7 +128,7 @@ class StateStore:
 
     def checkpoint_path(self, round_id: int, kind: str = "params") -> Path:
         """Path of a checkpoint file (``params`` or ``optimizer``)."""
-        return self.root / "checkpoints" / f"{self._round_name(round_id)}.{kind}"
+        return checkpoint_file(self.root, round_id, kind)
 
     # ------------------------------------------------------------------ snapshot
 
@@ -184,10 +180,7 @@ class StateStore:
 
     def checkpoints(self) -> list[int]:
         """Rounds with a stored global model, ascending."""
-        directory = self.root / "checkpoints"
-        if not directory.is_dir():
-            return []
-        return sorted(int(path.stem) for path in directory.glob("*.params") if path.stem.isdigit())
+        return checkpoint_rounds(self.root)
 
     # ------------------------------------------------------------------ updates
 
@@ -197,25 +190,17 @@ class StateStore:
         return f"{ticket.seq:010d}@{ticket.key.client}@{ticket.key.update_id}.update"
 
     def persist_updates(self, tickets: Sequence[Ticket]) -> None:
-        """Durably store accepted updates (one batch: write + fsync each, rename, fsync dirs).
+        """Durably store accepted updates as one batch (one fsync pass, then the renames).
 
         Raises:
             OSError: the disk refused; none of the batch may be considered stored.
         """
-        temps: list[tuple[Path, Path]] = []
+        files: list[tuple[Path, Buffer]] = []
         for ticket in tickets:
             directory = self.updates_dir(ticket.fold_round)
             directory.mkdir(parents=True, exist_ok=True)
-            final = directory / self.update_file_name(ticket)
-            temps.append((_write_temp(final, ticket.update.data, sync=False), final))
-        # Write everything, then fsync everything: the first fsync's journal commit flushes
-        # most of the batch, so the others return quickly (a group commit).
-        for temp, _ in temps:
-            _fsync_file(temp)
-        for temp, final in temps:
-            os.replace(temp, final)
-        for directory in {final.parent for _, final in temps}:
-            fsync_dir(directory)
+            files.append((directory / self.update_file_name(ticket), ticket.update.data))
+        write_files(files)
 
     def stored_updates(self, round_id: int) -> list[StoredUpdate]:
         """Updates stored for ``round_id``, in acceptance order."""
@@ -237,7 +222,7 @@ class StateStore:
             return
         for directory in rounds.iterdir():
             if directory.name.isdigit() and int(directory.name) < before:
-                shutil.rmtree(directory / "updates", ignore_errors=True)
+                remove_tree(directory / "updates")
 
     # ------------------------------------------------------------------ records
 

@@ -26,7 +26,7 @@ PROTOCOL: Literal["3.1.1"] = "3.1.1"
 
 
 def amqtt_available() -> bool:
-    """True when the amqtt package is importable (the ``server`` extra installs it)."""
+    """True when the amqtt package is importable (the ``simulate`` extra installs it)."""
     try:
         import amqtt  # noqa: F401, PLC0415
     except ImportError:

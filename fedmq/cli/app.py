@@ -1,35 +1,39 @@
-"""Entry point of the ``fedmq`` command: one typer app, one module per command group."""
+"""Entry point of the ``fedmq`` command.
+
+The commands (:mod:`fedmq.cli.commands`) need the server extra (typer, rich), which a
+device install does not have: there ``fedmq`` says which extra to install and exits with
+:data:`~fedmq.exit_codes.CONFIG_ERROR` instead of printing a traceback.  So this module
+imports the commands only if their packages are there, and :func:`main` checks.
+"""
 
 from __future__ import annotations
 
-import typer
+import sys
 
-from fedmq.cli.compile_cmd import compile_command
-from fedmq.cli.new_cmd import new_command
-from fedmq.cli.serve_cmd import export_command, serve_command
-from fedmq.cli.simulate_cmd import simulate_command
+from fedmq import exit_codes
 
-app = typer.Typer(
-    name="fedmq",
-    help="Federated learning for factory edge devices over MQTT.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+SERVER_EXTRA = "pip install 'fedmq[server]'"
+# Imported by the commands and installed by the server extra (click comes with typer).
+SERVER_EXTRA_MODULES = frozenset({"typer", "click", "rich"})
 
+_missing: str | None = None
+try:
+    from fedmq.cli.commands import app
+except ModuleNotFoundError as exc:
+    _missing = (exc.name or "").partition(".")[0]
+    if _missing not in SERVER_EXTRA_MODULES:
+        raise
 
-app.command("compile")(compile_command)
-app.command("serve")(serve_command)
-app.command("export")(export_command)
-app.command("simulate")(simulate_command)
-app.command("new")(new_command)
-
-
-@app.callback()
-def _root() -> None:
-    """Federated learning for factory edge devices over MQTT."""
+__all__ = ["app", "main"]
 
 
 def main() -> None:
-    """Run the ``fedmq`` command line."""
+    """Run the ``fedmq`` command line, or explain which extra it needs."""
+    if _missing is not None:
+        print(
+            f"fedmq: the {_missing!r} package is missing: the fedmq command needs the "
+            f"server extra ({SERVER_EXTRA}); devices run fedmq-agent",
+            file=sys.stderr,
+        )
+        raise SystemExit(exit_codes.CONFIG_ERROR)
     app()

@@ -1,25 +1,19 @@
 """``fedmq compile``: a PyTorch model factory or an ONNX file to a model bundle.
 
-torch is imported only when the command runs, so ``fedmq --help`` works without the
-``compile`` extra.
+The command imports :mod:`fedmq.compile` (and so torch) only when it runs, so ``fedmq
+--help`` and the other commands work without the ``compile`` extra.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
 from fedmq import exit_codes
 from fedmq.errors import CompileError
-
-if TYPE_CHECKING:
-    from torch import nn
 
 
 class Loss(StrEnum):
@@ -46,47 +40,6 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     if not shape or any(d < 1 for d in shape):
         raise CompileError(f"--input-shape {text!r}: expected positive integers such as 1,28,28")
     return shape
-
-
-def load_factory(reference: str) -> nn.Module:
-    """Call the model factory ``package.module:function`` or ``path/file.py:function``.
-
-    The current directory is importable (as with ``python -m``), so a project's own
-    packages resolve without installing them.
-
-    Raises:
-        CompileError: the reference does not resolve or the factory returns no module.
-    """
-    from torch import nn  # noqa: PLC0415 - torch loads only when compiling
-
-    module_ref, sep, attr = reference.partition(":")
-    if not sep or not attr:
-        raise CompileError(f"{reference!r}: expected package.module:function or file.py:function")
-    try:
-        if module_ref.endswith(".py"):
-            path = Path(module_ref).resolve()
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            if spec is None or spec.loader is None or not path.is_file():
-                raise CompileError(f"{module_ref}: no such Python file")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules.setdefault(path.stem, module)
-            sys.path.insert(0, str(path.parent))
-            spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
-            module = importlib.import_module(module_ref)
-    except CompileError:
-        raise
-    except Exception as exc:
-        raise CompileError(f"cannot import {module_ref}: {type(exc).__name__}: {exc}") from exc
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise CompileError(f"{module_ref} has no callable {attr!r}")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise CompileError(f"{reference}() returned {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def compile_command(
@@ -116,9 +69,7 @@ def compile_command(
     """Compile a model and loss into a bundle that devices train with onnxruntime."""
     try:
         # Imported here so `fedmq --help` and other commands never load torch.
-        import torch  # noqa: PLC0415
-
-        from fedmq.compile import compile_module  # noqa: PLC0415
+        from fedmq.compile import compile_module, load_factory  # noqa: PLC0415
         from fedmq.compile.onnx_import import module_from_onnx  # noqa: PLC0415
     except ImportError as exc:
         typer.echo(f"error: fedmq compile needs the compile extra ({exc})", err=True)
@@ -136,8 +87,7 @@ def compile_command(
             if not input_shape:
                 raise CompileError("--input-shape is required for a model factory")
             shape = _parse_shape(input_shape)
-            torch.manual_seed(seed)
-            model = load_factory(source)
+            model = load_factory(source, seed=seed)
         bundle = compile_module(
             model,
             input_shape=shape,

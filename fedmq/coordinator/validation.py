@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 from fedmq.buffers import Buffer
 from fedmq.errors import DecodeError, IntegrityError, LimitExceededError, MalformedMessageError
-from fedmq.strategies.base import ModelLayout
+from fedmq.strategies.layout import ModelLayout
 from fedmq.wire.blobs import BlobAssembler
 from fedmq.wire.control import AckReason
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB

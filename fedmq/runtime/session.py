@@ -13,6 +13,14 @@ from fedmq.errors import BundleError
 _LOG_ERRORS_ONLY = 3
 
 
+def onnxruntime_version() -> str:
+    """The version of the onnxruntime that trains, for status reports.
+
+    Only :mod:`fedmq.runtime` imports onnxruntime; the agent asks here.
+    """
+    return str(ort.__version__)
+
+
 def open_session(model: bytes, *, threads: int, what: str) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` that uses ``threads`` intra-op threads.
 

@@ -1,15 +1,27 @@
-"""Aggregation strategies: pure numpy, no IO (one file per method, named after its paper).
+"""Aggregation strategies: pure numpy, no IO.
 
-Build one from configuration with :func:`~fedmq.strategies.config.build_strategy`, or
-compose :class:`~fedmq.strategies.strategy.Strategy` from an aggregator
-(:class:`WeightedMean`, :class:`CoordinateMedian`, :class:`TrimmedMean`, :class:`Krum`)
-and a server optimizer (:class:`ServerSgd`, :class:`ServerMomentum`, :class:`ServerAdam`,
-:class:`ServerYogi`, :class:`ServerAdagrad`).
+A :class:`Strategy` (``strategy.py``) composes an :class:`Aggregator` (``aggregator.py``:
+the interface, and the cohort base of the robust rules) with a :class:`ServerOptimizer`
+(``server_optimizer.py``: the interface, and the shared base of the adaptive ones), over
+update tensors described by a :class:`ModelLayout` (``layout.py``).  Every method has one
+file named after its paper or rule:
+
+* aggregators: ``fedavg.py`` (:class:`WeightedMean`), ``median.py``
+  (:class:`CoordinateMedian`), ``trimmed_mean.py`` (:class:`TrimmedMean`), ``krum.py``
+  (:class:`Krum`, Multi-Krum);
+* server optimizers: ``fedavg.py`` (:class:`ServerSgd`), ``fedavgm.py``
+  (:class:`ServerMomentum`), ``fedadam.py`` (:class:`ServerAdam`), ``fedyogi.py``
+  (:class:`ServerYogi`), ``fedadagrad.py`` (:class:`ServerAdagrad`);
+* around them: ``fedprox.py`` (the proximal weight sent to agents), ``clipping.py``
+  (update-norm clipping), ``central_dp.py`` (Gaussian noise on the mean).
+
+``config.py`` holds the ``[strategy]`` table and :func:`build_strategy`, which picks and
+composes them by name.
 """
 
-from fedmq.strategies.base import Aggregator, ModelLayout, ServerOptimizer, update_norm
+from fedmq.strategies.aggregator import Aggregator, CohortAggregator
 from fedmq.strategies.central_dp import GaussianNoise
-from fedmq.strategies.clipping import clip_update
+from fedmq.strategies.clipping import clip_update, update_norm
 from fedmq.strategies.config import DifferentialPrivacy, StrategyConfig, build_strategy
 from fedmq.strategies.fedadagrad import ServerAdagrad
 from fedmq.strategies.fedadam import ServerAdam
@@ -18,12 +30,16 @@ from fedmq.strategies.fedavgm import ServerMomentum
 from fedmq.strategies.fedprox import with_prox_mu
 from fedmq.strategies.fedyogi import ServerYogi
 from fedmq.strategies.krum import Krum, krum_scores
+from fedmq.strategies.layout import ModelLayout
 from fedmq.strategies.median import CoordinateMedian
+from fedmq.strategies.server_optimizer import AdaptiveOptimizer, ServerOptimizer
 from fedmq.strategies.strategy import Strategy
 from fedmq.strategies.trimmed_mean import TrimmedMean
 
 __all__ = [
+    "AdaptiveOptimizer",
     "Aggregator",
+    "CohortAggregator",
     "CoordinateMedian",
     "DifferentialPrivacy",
     "GaussianNoise",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Array, TensorMap
+from fedmq.strategies.layout import Array, TensorMap
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,16 @@ from __future__ import annotations
 import numpy as np
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Array, TensorMap, update_norm
+from fedmq.strategies.layout import Array, TensorMap
+
+
+def update_norm(delta: TensorMap) -> float:
+    """L2 norm of an update over all its tensors."""
+    total = 0.0
+    for array in delta.values():
+        flat = np.asarray(array, np.float32).reshape(-1)
+        total += float(np.dot(flat, flat))
+    return float(np.sqrt(total))
 
 
 def clip_update(delta: TensorMap, max_norm: float) -> tuple[dict[str, Array], float]:

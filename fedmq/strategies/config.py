@@ -7,8 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.adaptive import DEFAULT_BETA1, DEFAULT_BETA2, DEFAULT_ETA, DEFAULT_TAU
-from fedmq.strategies.base import Aggregator, ServerOptimizer
+from fedmq.strategies.aggregator import Aggregator
 from fedmq.strategies.central_dp import GaussianNoise
 from fedmq.strategies.fedadagrad import ServerAdagrad
 from fedmq.strategies.fedadam import ServerAdam
@@ -17,6 +16,13 @@ from fedmq.strategies.fedavgm import ServerMomentum
 from fedmq.strategies.fedyogi import ServerYogi
 from fedmq.strategies.krum import Krum
 from fedmq.strategies.median import CoordinateMedian
+from fedmq.strategies.server_optimizer import (
+    DEFAULT_BETA1,
+    DEFAULT_BETA2,
+    DEFAULT_ETA,
+    DEFAULT_TAU,
+    ServerOptimizer,
+)
 from fedmq.strategies.strategy import Strategy
 from fedmq.strategies.trimmed_mean import TrimmedMean
 

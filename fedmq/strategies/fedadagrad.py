@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from fedmq.strategies.adaptive import AdaptiveOptimizer
-from fedmq.strategies.base import Array
+from fedmq.strategies.layout import Array
+from fedmq.strategies.server_optimizer import AdaptiveOptimizer
 
 
 class ServerAdagrad(AdaptiveOptimizer):

@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedmq.strategies.adaptive import AdaptiveOptimizer
-from fedmq.strategies.base import Array
+from fedmq.strategies.layout import Array
+from fedmq.strategies.server_optimizer import AdaptiveOptimizer
 
 
 class ServerAdam(AdaptiveOptimizer):

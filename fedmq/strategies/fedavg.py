@@ -15,7 +15,9 @@ from typing import ClassVar
 import numpy as np
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Aggregator, Array, ServerOptimizer, TensorMap, check_weight
+from fedmq.strategies.aggregator import Aggregator, check_weight
+from fedmq.strategies.layout import Array, TensorMap
+from fedmq.strategies.server_optimizer import ServerOptimizer
 
 
 class WeightedMean(Aggregator):

@@ -12,7 +12,8 @@ from typing import ClassVar
 import numpy as np
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Array, ServerOptimizer, TensorMap
+from fedmq.strategies.layout import Array, TensorMap
+from fedmq.strategies.server_optimizer import ServerOptimizer
 
 
 class ServerMomentum(ServerOptimizer):

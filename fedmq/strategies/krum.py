@@ -14,8 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Array
-from fedmq.strategies.cohort import CohortAggregator
+from fedmq.strategies.aggregator import CohortAggregator
+from fedmq.strategies.layout import Array
 
 
 def krum_scores(distances: npt.NDArray[np.float64], byzantine: int) -> npt.NDArray[np.float64]:

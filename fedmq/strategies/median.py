@@ -10,8 +10,8 @@ from typing import ClassVar
 
 import numpy as np
 
-from fedmq.strategies.base import Array
-from fedmq.strategies.cohort import CohortAggregator
+from fedmq.strategies.aggregator import CohortAggregator
+from fedmq.strategies.layout import Array
 
 
 class CoordinateMedian(CohortAggregator):

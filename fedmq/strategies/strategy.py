@@ -18,10 +18,12 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Aggregator, Array, ModelLayout, ServerOptimizer, TensorMap
+from fedmq.strategies.aggregator import Aggregator
 from fedmq.strategies.central_dp import GaussianNoise
 from fedmq.strategies.clipping import clip_update
 from fedmq.strategies.fedprox import with_prox_mu
+from fedmq.strategies.layout import Array, ModelLayout, TensorMap
+from fedmq.strategies.server_optimizer import ServerOptimizer
 from fedmq.wire.training import TrainingConfig
 
 

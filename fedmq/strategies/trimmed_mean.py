@@ -12,8 +12,8 @@ from typing import ClassVar
 import numpy as np
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Array
-from fedmq.strategies.cohort import CohortAggregator
+from fedmq.strategies.aggregator import CohortAggregator
+from fedmq.strategies.layout import Array
 
 
 class TrimmedMean(CohortAggregator):

@@ -1,4 +1,11 @@
-"""The ``[broker]`` table shared by ``federation.toml`` and ``agent.toml``."""
+"""The ``[broker]`` table of ``federation.toml`` and ``agent.toml``: how a client connects.
+
+Where the MQTT broker is (``url``), how to authenticate to it (username and password, or
+a client certificate) and which TLS files to trust; :meth:`BrokerSection.session_settings`
+turns it into the :class:`~fedmq.transport.mqtt.BrokerSettings` of one session.  The
+broker's own configuration (Mosquitto templates, ACLs, queue sizing) is
+``broker_config/`` at the top of the repository.
+"""
 
 from __future__ import annotations
 

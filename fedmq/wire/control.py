@@ -1,4 +1,4 @@
-"""Control messages: JSON, versioned, with a JSON schema (``fedmq schema`` prints them).
+"""Control messages: JSON, versioned, each with a JSON schema (:func:`control_schemas`).
 
 Round announcements, acks and statuses are JSON so operators can read them with
 ``mosquitto_sub`` or MQTT Explorer.  Each carries ``v`` (format version) and ``type``.
@@ -55,6 +55,18 @@ class ControlMessage(BaseModel):
     v: Literal[1] = 1
 
 
+RoundPhase = Literal["waiting", "collecting", "finished"]
+"""The round lifecycle's one vocabulary (legal moves: ``fedmq.coordinator.lifecycle``).
+
+``waiting`` for enough agents to open the round, ``collecting`` updates, ``finished``
+after the last round.  The aggregator status uses it as is; the announcement says
+``open`` for ``collecting`` (what an agent acts on), the one mapping, kept in
+``fedmq.coordinator.lifecycle.ANNOUNCED``.
+"""
+
+AnnouncedStatus = Literal["open", "waiting", "finished"]
+
+
 class RoundAnnouncement(ControlMessage):
     """The current round of a federation, retained on ``…/round``.
 
@@ -69,7 +81,7 @@ class RoundAnnouncement(ControlMessage):
     federation: Identifier
     aggregator: Identifier
     round: RoundNumber
-    status: Literal["open", "waiting", "finished"] = "open"
+    status: AnnouncedStatus = "open"
     mode: Literal["sync", "async"] = "sync"
     issued_at: Timestamp
     deadline: Timestamp = Field(description="unix time after which updates may be dropped")
@@ -139,7 +151,8 @@ class AgentStatus(ControlMessage):
     ts: Timestamp
 
 
-AggregatorState = Literal["starting", "collecting", "aggregating", "finished", "offline"]
+AggregatorState = Literal["waiting", "collecting", "finished", "offline"]
+"""A round phase, or ``offline`` (the last will, or a clean shutdown)."""
 
 
 class AggregatorStatus(ControlMessage):

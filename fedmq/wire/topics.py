@@ -1,4 +1,4 @@
-"""The topic scheme (DESIGN §3): build topics and filters, parse received topics.
+"""The topic scheme: build topics and filters, parse received topics.
 
 Every topic of a federation lives under ``<root>/<federation>/``:
 

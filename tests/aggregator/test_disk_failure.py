@@ -21,6 +21,7 @@ from aggregator.scripted import (
 from fedmq.aggregator.service import AggregatorService
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import StateError
+from fedmq.timeouts import within
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -48,7 +49,7 @@ async def test_write_failures_never_ack_and_stop_the_service_cleanly(
     ack = await agent.wait_ack(uid)
     assert ack.reason == "accepted"  # stored durably before the failure
     with pytest.raises(StateError, match="state directory"):
-        await asyncio.wait_for(run, WAIT)
+        await within(run, WAIT)
 
     shutil.rmtree(state / "rounds" / "000001" / "record.json")
     async with running_service(settings):  # the restart closes the round from disk

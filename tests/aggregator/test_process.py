@@ -23,7 +23,7 @@ from aggregator.scripted import (
     wait_for,
     write_toml,
 )
-from fedmq.aggregator import exit_codes
+from fedmq import exit_codes
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle import Bundle
 from fedmq.wire.tensors import decode_tensors

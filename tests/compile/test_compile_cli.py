@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from fedmq import exit_codes
 from fedmq.bundle import Bundle
 from fedmq.cli.app import app
-from fedmq.cli.compile_cmd import EXIT_COMPILE_ERROR
 
 pytestmark = pytest.mark.compile
 
@@ -56,6 +56,6 @@ def test_compile_errors_exit_with_compile_code(
     tmp_path: Path, args: list[str], message: str
 ) -> None:
     result = CliRunner().invoke(app, ["compile", *args, "--out", str(tmp_path / "b")])
-    assert result.exit_code == EXIT_COMPILE_ERROR
+    assert result.exit_code == exit_codes.COMPILE_ERROR
     assert message in result.output
     assert not (tmp_path / "b").exists()

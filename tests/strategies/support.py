@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmq.strategies.base import ModelLayout
+from fedmq.strategies.layout import ModelLayout
 
 SHAPES = {"w": (3, 4), "b": (3,), "running_var": (2,)}
 LAYOUT = ModelLayout.from_shapes(SHAPES, optimized=["w", "b"])

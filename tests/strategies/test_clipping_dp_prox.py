@@ -19,7 +19,7 @@ from fedmq.strategies import (
     clip_update,
     update_norm,
 )
-from fedmq.strategies.base import ModelLayout
+from fedmq.strategies.layout import ModelLayout
 from fedmq.wire.training import TrainingConfig
 from strategies.support import LAYOUT, SHAPES, cohort, params, stacked
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from fedmq.errors import LocalProtocolError
 from fedmq.strategies import ServerSgd, Strategy, WeightedMean
-from fedmq.strategies.base import ModelLayout
+from fedmq.strategies.layout import ModelLayout
 from strategies.support import LAYOUT, SHAPES, cohort, params, stacked
 
 

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from fedmq.errors import LocalProtocolError
 from fedmq.strategies import CoordinateMedian, Krum, TrimmedMean, krum_scores
-from fedmq.strategies.base import ModelLayout
-from fedmq.strategies.cohort import BLOCK, CohortAggregator
+from fedmq.strategies.aggregator import BLOCK, CohortAggregator
+from fedmq.strategies.layout import ModelLayout
 from strategies.support import LAYOUT, SHAPES, cohort, stacked
 
 

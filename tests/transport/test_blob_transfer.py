@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
+from fedmq.timeouts import within
 from fedmq.transport.blobs import BlobReceiver, clear_blob, publish_blob
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
@@ -103,8 +104,6 @@ async def test_oversized_chunk_is_refused_by_a_capped_broker(
 
     async with running(subscriber, handle), running(publisher):
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(
-                publish_blob(publisher, topics, data, ref, sender="agg", round_id=0), 3
-            )
+            await within(publish_blob(publisher, topics, data, ref, sender="agg", round_id=0), 3)
         with pytest.raises(Exception, match="incomplete"):
             await receiver.fetch(ref, timeout=2)

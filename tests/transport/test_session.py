@@ -90,7 +90,7 @@ async def test_cancel_stops_the_session_even_when_the_broker_hangs(
     try:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 15)
+            await within(task, 15)
     finally:
         os.kill(pid, signal.SIGCONT)
         for publish in stuck:

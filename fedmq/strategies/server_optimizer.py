@@ -1,7 +1,10 @@
-"""Adaptive server optimizers (Reddi et al. 2021, "Adaptive Federated Optimization").
+"""Server optimizers: how the aggregated delta moves the global model.
 
-FedAdam, FedYogi and FedAdagrad share Algorithm 2 of the paper and differ only in how
-the second moment ``v`` is updated, so they share this base::
+:class:`ServerOptimizer` is the interface; plain steps live with their paper (FedAvg's
+``ServerSgd`` in ``fedavg.py``, FedAvgM's momentum in ``fedavgm.py``).  FedAdam, FedYogi
+and FedAdagrad (Reddi et al. 2021, "Adaptive Federated Optimization") share Algorithm 2
+of the paper and differ only in how the second moment ``v`` is updated, so they share
+:class:`AdaptiveOptimizer`::
 
     m <- beta1 * m + (1 - beta1) * delta
     v <- (rule of the optimizer)
@@ -13,19 +16,44 @@ local Adam) there is no bias correction.
 
 from __future__ import annotations
 
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from fedmq.errors import LocalProtocolError
-from fedmq.strategies.base import Array, ServerOptimizer, TensorMap
+from fedmq.strategies.layout import Array, TensorMap
 
 DEFAULT_ETA = 1e-2  # server step: the paper's grid centre for FedAdam/FedYogi on CV tasks
 DEFAULT_TAU = 1e-3  # adaptivity floor: the paper's recommended value
 DEFAULT_BETA1 = 0.9
 DEFAULT_BETA2 = 0.99
+
+
+class ServerOptimizer(ABC):
+    """Moves the global model along the aggregated delta.
+
+    ``delta`` is ``mean(trained - global)`` (a descent direction, i.e. minus the
+    pseudo-gradient of Reddi et al. 2021).  Optimizer state (momentum, moments) lives
+    here and is checkpointed through :meth:`state_dict`.
+    """
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def step(self, params: TensorMap, delta: TensorMap) -> dict[str, Array]:
+        """Return new values for the tensors in ``delta`` (``params`` is not modified)."""
+
+    def state_dict(self) -> dict[str, npt.NDArray[np.float32]]:
+        """Arrays to checkpoint so a restarted server continues identically."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, npt.NDArray[np.float32]]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise LocalProtocolError(f"{self.name} keeps no state, got {sorted(state)[:3]}")
 
 
 class AdaptiveOptimizer(ServerOptimizer):

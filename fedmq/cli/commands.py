@@ -1,0 +1,30 @@
+"""The ``fedmq`` typer app: one module per command group (needs the server extra)."""
+
+from __future__ import annotations
+
+import typer
+
+from fedmq.cli.compile_cmd import compile_command
+from fedmq.cli.new_cmd import new_command
+from fedmq.cli.serve_cmd import export_command, serve_command
+from fedmq.cli.simulate_cmd import simulate_command
+
+app = typer.Typer(
+    name="fedmq",
+    help="Federated learning for factory edge devices over MQTT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+app.command("compile")(compile_command)
+app.command("serve")(serve_command)
+app.command("export")(export_command)
+app.command("simulate")(simulate_command)
+app.command("new")(new_command)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated learning for factory edge devices over MQTT."""
