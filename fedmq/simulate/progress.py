@@ -92,9 +92,9 @@ class ProgressView:
     def update(self, snapshot: Snapshot) -> None:
         """Redraw the status line."""
         text = Text()
-        if snapshot.state == "starting" and snapshot.online < snapshot.agents:
+        if snapshot.state == "waiting" and snapshot.online < snapshot.agents:
             text.append(f"waiting for agents: {snapshot.online}/{snapshot.agents} online")
-        elif snapshot.state == "starting":
+        elif snapshot.state == "waiting":
             text.append(f"round {snapshot.round}/{snapshot.rounds} ", style="bold")
             text.append(f"opening · {snapshot.online}/{snapshot.agents} agents online")
         else:

@@ -418,7 +418,7 @@ class Simulation:
         now = time.time()
         status = coordinator.status(now)
         online = len(coordinator.roster.online(now))
-        if status.state == "starting":
+        if status.state == "waiting":
             return (
                 f"round {status.round} did not open within {stall:.0f} s: "
                 f"{online}/{self.options.agents} agents online"
@@ -477,7 +477,7 @@ class Simulation:
                 Snapshot(
                     0,
                     settings.rounds,
-                    "starting",
+                    "waiting",
                     0,
                     0,
                     online,
