@@ -451,7 +451,8 @@ class AggregatorService:
             await asyncio.sleep(self.settings.status_interval_s)
 
     def _queue_status(self) -> None:
-        if self._coordinator is None:
+        # Once stopping, the offline status must be the last one published.
+        if self._coordinator is None or not self._accepting:
             return
         status = self.coordinator.status(self.clock())
         topic = self.coordinator.topics.aggregator_status()
