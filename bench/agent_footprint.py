@@ -36,6 +36,7 @@ import numpy as np
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle.bundle import Bundle
+from fedmq.timeouts import within
 from fedmq.transport.blobs import publish_blob
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
@@ -208,7 +209,7 @@ async def round_rss(
             )
             started = time.perf_counter()
             await session.publish(topics.round(), encode_control(announcement), retain=True)
-            await asyncio.wait_for(done.wait(), ROUND_TIMEOUT)
+            await within(done.wait(), ROUND_TIMEOUT)
             seconds = time.perf_counter() - started
             rss = memory_mb(process.pid)
         finally:

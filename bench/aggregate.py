@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -46,19 +45,19 @@ from fedmq.bundle.manifest import Manifest
 from fedmq.bundle.parameters import write_parameters
 from fedmq.strategies import CoordinateMedian, Krum, TrimmedMean, WeightedMean
 from fedmq.strategies.base import ModelLayout
-from fedmq.transport.blobs import publish_chunks
+from fedmq.testing.scripted_clients import ScriptedClients
+from fedmq.timeouts import within
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
-from fedmq.wire.blobs import blob_ref
-from fedmq.wire.chunks import encode_blob_chunks
-from fedmq.wire.control import Ack, AgentStatus, RoundAnnouncement, decode_control, encode_control
 from fedmq.wire.tensors import encode_tensors
-from fedmq.wire.topics import AckTopic, RoundTopic, Topics
-from fedmq.wire.update import UpdateMeta, encode_update
 
 MiB = 2**20
 CHUNK = 256 * 1024  # bytes: the default upload chunk
 WINDOW = 8  # updates in flight in the RSS runs: the same concurrency for 10 and 500
+CONNECT_TIMEOUT = 30.0  # seconds for the scripted agents' connection
+ANSWER_TIMEOUT = 600.0  # seconds for the aggregator (or the raw receiver) to answer
+# The scripted agents announce no heartbeat within a run; updates go in default chunks.
+SCRIPTED: dict[str, Any] = {"chunk_size": CHUNK, "heartbeat_s": 600.0}
 
 
 def best_of(repeats: int, action: Callable[[], object]) -> float:
@@ -203,79 +202,6 @@ def write_bundle(directory: Path, parameters: int) -> dict[str, tuple[int, ...]]
     return {"fc.weight": (width, width), "fc.bias": (width,)}
 
 
-# --------------------------------------------------------------------------- fleet
-
-
-class Fleet:
-    """Many agent ids on one connection: statuses, pre-encoded updates, acks."""
-
-    def __init__(self, url: str, federation: str, clients: list[str]) -> None:
-        self.topics = Topics(federation)
-        self.federation = federation
-        self.clients = clients
-        self.session = MqttSession(
-            BrokerSettings(url, f"fleet-{uuid.uuid4().hex[:6]}", persistent_session=False),
-            subscriptions=[(self.topics.round(), 1), (f"{self.topics.prefix}/ack/+", 1)],
-        )
-        self.acks: list[Ack] = []
-        self.rounds: list[RoundAnnouncement] = []
-        self.changed = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def _handle(self, message: Message) -> None:
-        parsed = self.topics.parse(message.topic)
-        payload = message.payload
-        assert isinstance(payload, bytes | bytearray)
-        if isinstance(parsed, AckTopic):
-            self.acks.append(decode_control(payload, Ack))
-        elif isinstance(parsed, RoundTopic) and payload:
-            self.rounds.append(decode_control(payload, RoundAnnouncement))
-        self.changed.set()
-
-    async def start(self) -> None:
-        self.task = asyncio.create_task(self.session.run(self._handle))
-        await self.session.wait_connected(30)
-        for client in self.clients:
-            status = AgentStatus(client=client, state="online", heartbeat_s=600.0, ts=time.time())
-            await self.session.publish(
-                self.topics.status(client), encode_control(status), retain=True
-            )
-
-    async def stop(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
-
-    async def wait(self, predicate: Callable[[], bool], timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            self.changed.clear()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("the aggregator did not answer in time")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), remaining)
-
-    def envelope(self, client: str, body: bytes, examples: int) -> tuple[str, bytes]:
-        uid = uuid.uuid4().hex
-        meta = UpdateMeta(self.federation, client, 1, 1, uid, examples, {}, time.time())
-        return uid, encode_update(meta, body)
-
-    async def send(self, client: str, uid: str, data: bytes) -> None:
-        await publish_chunks(
-            self.session,
-            data,
-            blob_ref(data, CHUNK),
-            lambda index: self.topics.update(client, 1, index),
-            kind="update",
-            federation=self.federation,
-            sender=client,
-            round_id=1,
-            update_id=uid,
-        )
-
-
 # --------------------------------------------------------------------------- 3. ingest
 
 
@@ -353,7 +279,7 @@ async def raw_throughput(broker: MosquittoBroker, messages: list[bytes]) -> tupl
         start = time.perf_counter()
         data = [(f"{topic}/data/{i % 1000}", m) for i, m in enumerate(messages)]
         await publish_all(publisher, data)
-        await asyncio.wait_for(done.wait(), 600)
+        await within(done.wait(), ANSWER_TIMEOUT)
         elapsed = time.perf_counter() - start
         return elapsed, sum(watch.cpu_times()[:2]) - cpu
     finally:
@@ -404,38 +330,32 @@ async def aggregator_throughput(
     CPU seconds it used meanwhile, the bytes and chunks sent, and the updates accepted."""
     federation = f"ingest{uuid.uuid4().hex[:6]}"
     clients = [f"dev-{i:03d}" for i in range(updates)]
-    fleet = Fleet(broker.url, federation, clients)
-    envelopes = [fleet.envelope(client, body, 10 + i) for i, client in enumerate(clients)]
+    agents = ScriptedClients(broker.url, federation, clients, **SCRIPTED)
+    envelopes = [
+        agents.update_envelope(client, 1, body, examples=10 + i) for i, client in enumerate(clients)
+    ]
     messages = [
-        (fleet.topics.update(client, 1, index), message)
+        message
         for (uid, data), client in zip(envelopes, clients, strict=True)
-        for index, message in encode_blob_chunks(
-            data,
-            blob_ref(data, CHUNK),
-            kind="update",
-            federation=federation,
-            sender=client,
-            round_id=1,
-            update_id=uid,
-        )
+        for message in agents.upload_messages(client, 1, uid, data)
     ]
     process = serve(serve_config(work, broker, bundle, federation, updates))
     try:
-        await fleet.start()
-        await fleet.wait(lambda: any(r.round == 1 and r.status == "open" for r in fleet.rounds))
+        await agents.start(CONNECT_TIMEOUT)
+        await agents.wait_round(1, "open", ANSWER_TIMEOUT)
         watch = psutil.Process(process.pid)
         cpu = sum(watch.cpu_times()[:2])
         start = time.perf_counter()
-        await publish_all(fleet.session, messages)
-        await fleet.wait(lambda: len(fleet.acks) >= updates)
+        await publish_all(agents.session, messages)
+        await agents.wait_until(lambda: len(agents.acks) >= updates, ANSWER_TIMEOUT)
         elapsed = time.perf_counter() - start
         cpu = sum(watch.cpu_times()[:2]) - cpu
     finally:
         process.terminate()
         process.wait(60)
-        await fleet.stop()
+        await agents.stop()
     total = sum(len(data) for _, data in envelopes)
-    accepted = sum(ack.accepted for ack in fleet.acks)
+    accepted = sum(ack.accepted for ack in agents.acks)
     return elapsed, cpu, total, len(messages), accepted
 
 
@@ -450,8 +370,8 @@ async def bench_ingest(
     raw = (float("inf"), 0.0)
     for _ in range(repeats):
         best = min(best, await aggregator_throughput(broker, work, bundle, body, updates))
-        probe = Fleet(broker.url, "probe", [])
-        size = len(probe.envelope("dev-000", body, 10)[1])
+        probe = ScriptedClients(broker.url, "probe", [], **SCRIPTED)
+        size = len(probe.update_envelope("dev-000", 1, body, examples=10)[1])
         chunks = [bytes(min(CHUNK, size - i)) for i in range(0, size, CHUNK)] * updates
         raw = min(raw, await raw_throughput(broker, chunks))
     elapsed, cpu, total, count, accepted = best
@@ -497,29 +417,31 @@ async def rss_for(
     federation = f"rss{updates}x{uuid.uuid4().hex[:4]}"
     process = serve(serve_config(work, broker, bundle, federation, updates))
     clients = [f"dev-{i:03d}" for i in range(updates)]
-    fleet = Fleet(broker.url, federation, clients)
+    agents = ScriptedClients(broker.url, federation, clients, **SCRIPTED)
     body = encode_tensors(synthetic_delta(shapes, 2)).data
     try:
-        await fleet.start()
-        await fleet.wait(lambda: any(r.round == 1 and r.status == "open" for r in fleet.rounds))
+        await agents.start(CONNECT_TIMEOUT)
+        await agents.wait_round(1, "open", ANSWER_TIMEOUT)
         window = asyncio.Semaphore(WINDOW)
 
         async def one(i: int, client: str) -> None:
             async with window:
-                uid, data = fleet.envelope(client, body, 10 + i)
-                await fleet.send(client, uid, data)
-                await fleet.wait(lambda: any(a.update_id == uid for a in fleet.acks))
+                uid, data = agents.update_envelope(client, 1, body, examples=10 + i)
+                await agents.upload(client, 1, uid, data)
+                await agents.wait_ack(uid, 1, ANSWER_TIMEOUT)
 
         async with asyncio.TaskGroup() as group:
             for i, client in enumerate(clients):
                 group.create_task(one(i, client))
-        await fleet.wait(lambda: any(r.status == "finished" for r in fleet.rounds))
+        await agents.wait_until(
+            lambda: any(r.status == "finished" for r in agents.rounds), ANSWER_TIMEOUT
+        )
         await asyncio.sleep(1.0)  # the last round's buffers are released
         return process_memory(process.pid)
     finally:
         process.terminate()
         process.wait(60)
-        await fleet.stop()
+        await agents.stop()
 
 
 async def bench_rss(

@@ -7,7 +7,8 @@ packages (``tests/agent/test_imports.py`` enforces it).
 Public API:
 
 - :class:`AgentSettings`, :func:`load_settings`: configuration (TOML + ``FEDMQ_AGENT_``).
-- :class:`Agent`: the daemon (``await Agent(settings).run()``; ``request_stop()``).
+- :class:`Agent`: the daemon (``await Agent(settings).run()``; ``await wait_ready()``;
+  ``request_stop()``).
 - :func:`main`: the ``fedmq-agent`` command; exit codes in :mod:`fedmq.exit_codes`.
 """
 

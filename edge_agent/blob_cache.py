@@ -19,8 +19,8 @@ from pathlib import Path
 
 from fedmq.buffers import Buffer
 from fedmq.durable_files import TMP_SUFFIX, remove_tree, write_file
-from fedmq.errors import IntegrityError, LimitExceededError, MalformedMessageError
-from fedmq.wire.blobs import BlobRef, sha256_hex
+from fedmq.errors import IntegrityError, LimitExceededError
+from fedmq.wire.blobs import BlobRef
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,7 @@ class DiskChunkStore:
         Raises:
             MalformedMessageError: index out of range or wrong payload length.
         """
-        expected = self._ref.chunk_length(index)
-        view = memoryview(payload).cast("B")
-        if len(view) != expected:
-            raise MalformedMessageError(
-                f"chunk {index} of blob {self._ref.sha256[:12]} is {len(view)} bytes, "
-                f"expected {expected}"
-            )
+        view = self._ref.check_chunk(index, payload)
         if index in self._have:
             return False
         write_file(self._dir / str(index), view, durable=False)
@@ -103,27 +97,22 @@ class DiskChunkStore:
             IntegrityError: the bytes do not hash to the blob's sha256; every chunk file
                 is deleted so the blob is fetched again from scratch.
         """
-        if not self.complete:
-            raise MalformedMessageError(
-                f"blob {self._ref.sha256[:12]} is missing {self._ref.count - len(self._have)} "
-                f"of {self._ref.count} chunks"
-            )
-        data = bytearray(self._ref.size)
-        for index in range(self._ref.count):
-            start = index * self._ref.chunk_size
-            length = self._ref.chunk_length(index)
+        ref = self._ref
+        ref.check_complete(len(self._have))
+        data = bytearray(ref.size)
+        for index in range(ref.count):
+            span = ref.chunk_span(index)
             with open(self._dir / str(index), "rb") as handle:
-                read = handle.readinto(memoryview(data)[start : start + length])
-            if read != length:  # the file changed under us: treat as corrupt
+                read = handle.readinto(memoryview(data)[span])
+            if read != span.stop - span.start:  # the file changed under us: treat as corrupt
                 self._reset()
-                raise IntegrityError(f"chunk file {index} of {self._ref.sha256[:12]} is short")
-        digest = sha256_hex(data)
-        if digest != self._ref.sha256:
+                raise IntegrityError(f"chunk file {index} of {ref.sha256[:12]} is short")
+        try:
+            ref.verify(data)
+        except IntegrityError:
             self._reset()
-            raise IntegrityError(
-                f"blob reassembled to sha256 {digest[:12]}…, expected {self._ref.sha256[:12]}…"
-            )
-        self._cache.put_verified(self._ref, data)
+            raise
+        self._cache.put_verified(ref, data)
         remove_tree(self._dir)
         return data
 
@@ -186,7 +175,9 @@ class BlobCache:
         data = bytearray(size)
         with open(path, "rb") as handle:
             read = handle.readinto(data)
-        if read != size or sha256_hex(data) != ref.sha256:
+        try:
+            ref.verify(memoryview(data)[:read])  # a short read cannot hash right either
+        except IntegrityError:
             self._discard(path, "fails its sha256 check")
             return None
         os.utime(path)  # mark as recently used for eviction

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import fedmq
 from edge_agent.config import AgentSettings, load_settings
-from edge_agent.daemon import TRAIN_THREAD_PREFIX, Agent
+from edge_agent.daemon import Agent
 from edge_agent.data import resolve_entry_point
+from edge_agent.rounds import TRAIN_THREAD_PREFIX
 from fedmq import exit_codes
 from fedmq.errors import ConfigError
 

@@ -29,7 +29,9 @@ DEFAULT_MAX_BLOB_MB = 256  # MiB: a bundle or parameter set; matches the wire de
 DEFAULT_CACHE_MAX_MB = 512  # MiB: keeps the current and previous model of a few federations
 DEFAULT_DOWNLOAD_TIMEOUT = 600.0  # seconds: 20 MB over a slow plant network, with margin
 DEFAULT_MAX_TRAIN_SECONDS = 3600.0  # seconds: a round that trains longer is abandoned
-DEFAULT_ROUND_RETRY = 10.0  # seconds: first wait after a failed round; doubles up to 10 min
+# seconds: ceiling of the first wait after a failed round (the wait is jittered between
+# half and all of it, so a plant of devices does not retry in lockstep); doubles up to 10 min
+DEFAULT_ROUND_RETRY = 10.0
 DEFAULT_ACK_TIMEOUT = 60.0  # seconds: re-send an unacknowledged update after this long
 DEFAULT_OUTBOX_MAX_AGE = 24 * 3600.0  # seconds: the broker's session expiry; older is moot
 MAX_THREADS = 256
@@ -89,7 +91,9 @@ class LimitsConfig(_Section):
     cache_max_mb: int = Field(DEFAULT_CACHE_MAX_MB, ge=1)
     download_timeout_s: float = Field(DEFAULT_DOWNLOAD_TIMEOUT, gt=0)
     max_train_seconds: float = Field(DEFAULT_MAX_TRAIN_SECONDS, gt=0)
-    round_retry_s: float = Field(DEFAULT_ROUND_RETRY, gt=0, description="first retry delay")
+    round_retry_s: float = Field(
+        DEFAULT_ROUND_RETRY, gt=0, description="first retry delay (ceiling; jittered)"
+    )
 
     def decode_limits(self) -> DecodeLimits:
         """Wire decode limits with this agent's blob size cap."""

@@ -1,8 +1,9 @@
 """The agent's protocol decisions, pure: what to do with an announcement, an ack, an outbox entry.
 
 No IO and no clock of its own (``now`` is an argument), so every rule is a table-driven
-unit test.  The daemon (:mod:`edge_agent.daemon`) feeds these functions what arrives and
-carries out what they return.
+unit test.  The round runner (:mod:`edge_agent.rounds`) and the uploader
+(:mod:`edge_agent.uploader`) feed these functions what arrives and carry out what they
+return.
 """
 
 from __future__ import annotations

@@ -22,12 +22,13 @@ def versions() -> dict[str, str]:
     from package metadata, whose parser costs a small device ~3.5 MB of memory.
     """
     import numpy  # noqa: PLC0415 - keep the status module light to import
-    import onnxruntime  # noqa: PLC0415
+
+    from fedmq.runtime.session import onnxruntime_version  # noqa: PLC0415
 
     return {
         "python": platform.python_version(),
         "fedmq": fedmq.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": onnxruntime_version(),
         "numpy": numpy.__version__,
     }
 

@@ -30,10 +30,7 @@ from fedmq.simulate.options import (
 from fedmq.simulate.progress import ProgressView
 from fedmq.simulate.report import LOG_FILE, prepare_out_dir
 from fedmq.simulate.runner import Simulation, SimulationResult, default_out
-
-# In-process fleets above this size log agent messages at WARNING and up only: a
-# thousand agents write a few lines each per round.
-QUIET_FLEET = 20
+from fedmq.simulate.settings import QUIET_FLEET
 
 log = logging.getLogger("fedmq.simulate")
 

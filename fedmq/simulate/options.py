@@ -14,6 +14,7 @@ from typing import Literal, get_args
 
 from fedmq.datasets.partition import PartitionSpec
 from fedmq.errors import ConfigError, LocalProtocolError, UnsupportedCodecError
+from fedmq.simulate.chaos import victim_count
 from fedmq.strategies.config import StrategyName
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.training import OptimizerName
@@ -133,15 +134,8 @@ class SimulationOptions:
         _check_training(self.training)
 
     def victims(self, selected: int) -> int:
-        """How many of ``selected`` agents vanish in a round (at least one stays).
-
-        Rounded half up, and at least one whenever ``drop_rate`` is positive, so a
-        small fleet still shows a dropout.
-        """
-        if self.drop_rate <= 0 or selected < 2:
-            return 0
-        count = max(1, math.floor(self.drop_rate * selected + 0.5))
-        return min(count, selected - 1)
+        """How many of ``selected`` agents vanish in a round (:func:`victim_count`)."""
+        return victim_count(self.drop_rate, selected)
 
 
 def _check_training(training: TrainingOverrides) -> None:

@@ -15,7 +15,8 @@
       updates/          every update envelope seen on the wire (--keep-updates)
 
 A directory holding anything but the files of a previous report is refused, so a typo
-in ``--out`` cannot wipe unrelated files.
+in ``--out`` cannot wipe unrelated files.  :func:`build_summary` makes the summary
+document from what a run knows at its end; :func:`write_report` writes the files.
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ import io
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import fedmq
 from fedmq.errors import ConfigError
 from fedmq.simulate.rounds import COLUMNS, RoundRow
+
+if TYPE_CHECKING:
+    from fedmq.aggregator.config import AggregatorSettings
+    from fedmq.simulate.brokers import BrokerPlan
+    from fedmq.simulate.options import SimulationOptions
+    from fedmq.simulate.workloads import Workload
 
 SUMMARY_JSON = "summary.json"
 REPORT_FILES = (
@@ -68,6 +76,72 @@ def prepare_out_dir(out: Path) -> Path:
             shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def build_summary(
+    *,
+    options: SimulationOptions,
+    workload: Workload,
+    settings: AggregatorSettings,
+    plan: BrokerPlan,
+    broker_url: str,
+    rows: Sequence[RoundRow],
+    initial: dict[str, float],
+    final: dict[str, float],
+    dropped: Mapping[int, list[str]],
+    started_at: float,
+    ended_at: float,
+) -> dict[str, Any]:
+    """The ``summary.json`` document of a run (:func:`summary_text` shows it to people).
+
+    Args:
+        options: what was simulated.
+        workload: the model and data.
+        settings: the aggregator's settings.
+        plan: the broker that ran and why.
+        broker_url: where it listened.
+        rows: one per recorded round.
+        initial: the initial model's central metrics (empty: no evaluator).
+        final: the last round's central metrics.
+        dropped: the agents made to vanish, per round.
+        started_at: Unix time the run started.
+        ended_at: Unix time it ended.
+    """
+    return {
+        "fedmq_version": fedmq.__version__,
+        "title": f"{workload.name}: {options.agents} agents, partition {options.partition}",
+        "run": {
+            "workload": workload.name,
+            "project": str(options.project) if options.project else None,
+            "federation": settings.federation,
+            "agents": options.agents,
+            "processes": options.processes,
+            "rounds": settings.rounds,
+            "partition": str(options.partition),
+            "codec": settings.codec,
+            "strategy": settings.strategy.name,
+            "drop_rate": options.drop_rate,
+            "seed": options.seed,
+            "deadline_s": settings.round.deadline_s,
+            "training": settings.training.model_dump(),
+        },
+        "broker": {"kind": plan.kind, "reason": plan.reason, "url": broker_url},
+        "started_at": started_at,
+        "wall_time_s": ended_at - started_at,
+        "rounds_closed": sum(1 for row in rows if row.outcome == "closed"),
+        "rounds_failed": sum(1 for row in rows if row.outcome != "closed"),
+        "initial": initial,
+        "final": final,
+        "bytes": {
+            "up": sum(row.bytes_up for row in rows),
+            "down": sum(row.bytes_down for row in rows),
+            "per_round": [
+                {"round": row.round, "up": row.bytes_up, "down": row.bytes_down} for row in rows
+            ],
+        },
+        "dropped": {str(k): v for k, v in sorted(dropped.items()) if v},
+        "notes": workload.notes,
+    }
 
 
 def _cell(value: object) -> str:

@@ -17,15 +17,19 @@ deployment would, with timings tuned for one machine:
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from edge_agent.config import AgentSettings, parse_settings
 from fedmq.aggregator.config import AggregatorSettings, load_settings
 from fedmq.errors import ConfigError
+from fedmq.simulate.fleet import Fleet, InProcessFleet, ProcessFleet
 from fedmq.simulate.options import SimulationOptions
 from fedmq.simulate.workloads import Workload
 
@@ -44,6 +48,9 @@ SIM_HEARTBEAT_MAX = 20.0  # seconds: even huge fleets notice a silent agent with
 SIM_ROUND_RETRY = 1.0  # seconds before an agent retries a failed round
 SIM_ACK_TIMEOUT = 15.0  # seconds before an agent re-sends an unacknowledged update
 SIM_DOWNLOAD_TIMEOUT = 120.0  # seconds for one blob download (a busy 1000-agent round)
+# Larger fleets log agent messages at WARNING and up only: a thousand agents write a few
+# lines each per round.
+QUIET_FLEET = 20
 
 
 def heartbeat_for(agents: int) -> float:
@@ -81,6 +88,22 @@ def check_environment(environ: Mapping[str, str] = os.environ) -> None:
         raise ConfigError(
             f"unset {', '.join(found)}: they override the configuration of every simulated "
             "agent and the aggregator (set values in the project's files instead)"
+        )
+
+
+def require_packages(options: SimulationOptions) -> None:
+    """Fail before starting anything when a package the run will need is missing.
+
+    Raises:
+        ConfigError: naming the package and the extra that installs it.
+    """
+    needed = ["matplotlib"]  # the report's plot
+    if options.project is None and options.model.startswith("digits"):
+        needed.append("sklearn")  # the bundled digits
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(
+            f"fedmq simulate needs {', '.join(missing)}: pip install 'fedmq[simulate]'"
         )
 
 
@@ -204,6 +227,67 @@ def agent_document(
             "download_timeout_s": SIM_DOWNLOAD_TIMEOUT,
         },
         "outbox": {"ack_timeout_s": SIM_ACK_TIMEOUT},
+    }
+
+
+def make_fleet(
+    workload: Workload,
+    options: SimulationOptions,
+    clients: Sequence[str],
+    *,
+    broker_url: str,
+    protocol: str,
+    topic_root: str,
+    work: Path,
+    out: Path,
+) -> Fleet:
+    """The simulated devices, configured and not yet started.
+
+    Every agent's configuration is validated by the agent's own loader first.
+    Subprocess agents read an ``agent.toml`` each from ``<out>/agents``, beside their
+    logs (how each was started); their state directories are under ``work``.
+
+    Raises:
+        ConfigError: an agent's configuration is invalid.
+    """
+    agents: list[dict[str, Any]] = [
+        {
+            "index": index,
+            "client": client,
+            "state_dir": work / "agents" / client,
+            "broker_url": broker_url,
+            "protocol": protocol,
+            "topic_root": topic_root,
+            "log_level": "INFO" if len(clients) <= QUIET_FLEET else "WARNING",
+        }
+        for index, client in enumerate(clients)
+    ]
+    settings = [agent_settings(workload, options, **agent) for agent in agents]
+    if not options.processes:
+        return InProcessFleet(settings)
+    config_dir = out / "agents"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    configs: dict[str, Path] = {}
+    for agent in agents:
+        path = configs[agent["client"]] = config_dir / f"{agent['client']}.toml"
+        path.write_text(toml_text(agent_document(workload, options, **agent)), encoding="utf-8")
+    return ProcessFleet(configs, config_dir)
+
+
+def toml_text(document: Mapping[str, Any]) -> str:
+    """``document`` as TOML (an ``agent.toml``); None values are left out (TOML has no null).
+
+    Raises:
+        TypeError: a value TOML cannot hold (tomli-w names its type).
+    """
+    return tomli_w.dumps(_without_none(document))
+
+
+def _without_none(table: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        key: _without_none(value) if isinstance(value, Mapping) else value
+        for key, value in table.items()
+        if value is not None
     }
 
 

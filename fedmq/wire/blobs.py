@@ -1,4 +1,10 @@
-"""Content-addressed blobs: split into chunks, reassembled in any order, verified by sha256."""
+"""Content-addressed blobs: split into chunks, reassembled in any order, verified by sha256.
+
+:class:`BlobRef` holds the checks every chunk store applies (:meth:`BlobRef.check_chunk`,
+:meth:`BlobRef.check_complete`, :meth:`BlobRef.verify`): the in-memory
+:class:`BlobAssembler` here and the agent's disk-backed store refuse the same chunks
+with the same messages.
+"""
 
 from __future__ import annotations
 
@@ -62,6 +68,44 @@ class BlobRef:
             return self.chunk_size
         return self.size - self.chunk_size * (self.count - 1)
 
+    def chunk_span(self, index: int) -> slice:
+        """Where chunk ``index`` lies in the blob's bytes."""
+        start = index * self.chunk_size
+        return slice(start, start + self.chunk_length(index))
+
+    def check_chunk(self, index: int, payload: Buffer) -> memoryview:
+        """Return ``payload`` as a byte view if it can be chunk ``index`` of this blob.
+
+        Every chunk store (the in-memory :class:`BlobAssembler`, the agent's disk cache)
+        takes chunks through this one check, so they refuse exactly the same chunks.
+
+        Raises:
+            MalformedMessageError: the index is out of range or the length is wrong.
+        """
+        expected = self.chunk_length(index)
+        view = memoryview(payload).cast("B")
+        if len(view) != expected:
+            raise MalformedMessageError(
+                f"chunk {index} of blob {self.sha256[:12]} is {len(view)} bytes, "
+                f"expected {expected}"
+            )
+        return view
+
+    def check_complete(self, received: int) -> None:
+        """Raise MalformedMessageError unless ``received`` distinct chunks are all of them."""
+        if received != self.count:
+            raise MalformedMessageError(
+                f"blob {self.sha256[:12]} is missing {self.count - received} of {self.count} chunks"
+            )
+
+    def verify(self, data: Buffer) -> None:
+        """Raise IntegrityError unless ``data`` hashes to this blob's sha256."""
+        digest = sha256_hex(data)
+        if digest != self.sha256:
+            raise IntegrityError(
+                f"blob reassembled to sha256 {digest[:12]}…, expected {self.sha256[:12]}…"
+            )
+
     def check_limits(self, limits: DecodeLimits) -> None:
         """Raise LimitExceededError if receiving this blob would exceed ``limits``."""
         if self.size > limits.max_blob_bytes:
@@ -89,8 +133,7 @@ def split_blob(data: Buffer, ref: BlobRef) -> Iterator[memoryview]:
     if len(view) != ref.size:
         raise LocalProtocolError(f"blob is {len(view)} bytes, its reference says {ref.size}")
     for index in range(ref.count):
-        start = index * ref.chunk_size
-        yield view[start : start + ref.chunk_length(index)]
+        yield view[ref.chunk_span(index)]
 
 
 class BlobAssembler:
@@ -126,17 +169,10 @@ class BlobAssembler:
         Raises:
             MalformedMessageError: the index is out of range or the length is wrong.
         """
-        expected = self.ref.chunk_length(index)
-        view = memoryview(payload).cast("B")
-        if len(view) != expected:
-            raise MalformedMessageError(
-                f"chunk {index} of blob {self.ref.sha256[:12]} is {len(view)} bytes, "
-                f"expected {expected}"
-            )
+        view = self.ref.check_chunk(index, payload)
         if self._have[index]:
             return False
-        start = index * self.ref.chunk_size
-        self._buffer[start : start + expected] = view
+        self._buffer[self.ref.chunk_span(index)] = view
         self._have[index] = 1
         self._missing -= 1
         return True
@@ -155,15 +191,11 @@ class BlobAssembler:
             IntegrityError: the reassembled bytes do not hash to the blob's sha256; every
                 chunk is forgotten so the blob can be fetched again.
         """
-        if not self.complete:
-            raise MalformedMessageError(
-                f"blob {self.ref.sha256[:12]} is missing {self._missing} of {self.ref.count} chunks"
-            )
-        digest = sha256_hex(self._buffer)
-        if digest != self.ref.sha256:
+        self.ref.check_complete(self.received)
+        try:
+            self.ref.verify(self._buffer)
+        except IntegrityError:
             self._have = bytearray(self.ref.count)
             self._missing = self.ref.count
-            raise IntegrityError(
-                f"blob reassembled to sha256 {digest[:12]}…, expected {self.ref.sha256[:12]}…"
-            )
+            raise
         return self._buffer

@@ -16,6 +16,7 @@ import pytest
 from edge_agent.config import AgentSettings
 from edge_agent.daemon import Agent
 from edge_agent.systemd import Notifier
+from fedmq.timeouts import within
 
 DIGITS_EXAMPLES = 360  # enough for a real round, few enough to train in well under a second
 
@@ -33,24 +34,23 @@ def write_digits(directory: Path, count: int = DIGITS_EXAMPLES, *, image: bool =
     return directory
 
 
+AGENT_READY_TIMEOUT = 10.0  # seconds: a local broker accepts the connection in milliseconds
+AGENT_STOP_TIMEOUT = 15.0  # seconds: above the agent's STOP_GRACE plus the offline publish
+
+
 @contextlib.asynccontextmanager
 async def running_agent(
     settings: AgentSettings, notifier: Notifier | None = None
 ) -> AsyncIterator[Agent]:
-    """Run an agent in this event loop; stop it cleanly on exit."""
+    """Run an agent in this event loop until it is ready; stop it cleanly on exit."""
     agent = Agent(settings, notifier=notifier or Notifier({}))
     task = asyncio.create_task(agent.run())
     try:
-        for _ in range(200):
-            if agent.connected or task.done():
-                break
-            await asyncio.sleep(0.05)
-        if task.done():
-            task.result()
+        await within(agent.wait_ready(), AGENT_READY_TIMEOUT)  # raises what run() failed with
         yield agent
     finally:
         agent.request_stop()
-        await asyncio.wait_for(task, 15)
+        await within(task, AGENT_STOP_TIMEOUT)
 
 
 async def eventually(predicate: Callable[[], bool], timeout: float = 30, what: str = "") -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.bundle.bundle import Bundle
+from fedmq.timeouts import within
 from fedmq.transport.blobs import publish_blob
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
@@ -155,7 +156,7 @@ class ScriptedAggregator:
                 self.received.clear()
                 await self.received.wait()
 
-        await asyncio.wait_for(wait(), timeout)
+        await within(wait(), timeout)
 
     async def wait_status(
         self, predicate: Callable[[AgentStatus], bool], timeout: float = 30
@@ -168,7 +169,7 @@ class ScriptedAggregator:
                 self.status_seen.clear()
                 await self.status_seen.wait()
 
-        return await asyncio.wait_for(wait(), timeout)
+        return await within(wait(), timeout)
 
     async def _handle(self, message: Message) -> None:
         parsed = self.topics.parse(message.topic)

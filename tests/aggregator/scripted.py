@@ -1,8 +1,10 @@
-"""Scripted agents built from fedmq.wire + fedmq.transport, and a running-service helper.
+"""Scripted agents on fedmq.testing's scripted connections, and a running-service helper.
 
 A scripted agent does what docs/protocol.md asks of an agent (retained status with a
 last will, heartbeats, round and ack subscriptions, chunked uploads) but trains
 nothing: tests choose the deltas, so the expected global model is plain numpy.
+:class:`~fedmq.testing.scripted_clients.ScriptedClients` plays many agents at once.
+``WAIT`` (seconds) is generous, for a busy 2-core CI machine.
 """
 
 from __future__ import annotations
@@ -28,26 +30,21 @@ from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle import Bundle
 from fedmq.coordinator.records import RoundRecord
 from fedmq.errors import TransportError
-from fedmq.transport.blobs import BlobReceiver, publish_chunks
-from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, LastWill, MqttSession
-from fedmq.wire.blobs import blob_ref
-from fedmq.wire.control import (
-    Ack,
-    AgentStatus,
-    AggregatorStatus,
-    RoundAnnouncement,
-    decode_control,
-    encode_control,
+from fedmq.testing.scripted_clients import (
+    WAIT,
+    ScriptedConnection,
 )
+from fedmq.timeouts import within
+from fedmq.transport.blobs import BlobReceiver
+from fedmq.transport.message import Message
+from fedmq.transport.mqtt import LastWill
+from fedmq.wire.control import AgentStatus, AggregatorStatus, RoundAnnouncement, encode_control
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import decode_tensors, encode_tensors
-from fedmq.wire.topics import AckTopic, AggregatorStatusTopic, BlobChunkTopic, RoundTopic, Topics
-from fedmq.wire.update import UpdateMeta, encode_update
+from fedmq.wire.topics import BlobChunkTopic, ParsedTopic, Topics
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "examples" / "bundles"
-WAIT = 60.0  # seconds: generous, for a busy 2-core CI machine
 
 
 def bundle_dir(name: str = "digits_mlp") -> Path:
@@ -115,20 +112,18 @@ async def running_service(settings: AggregatorSettings) -> AsyncIterator[Aggrega
     """An in-process aggregator; stopped (gracefully) on exit."""
     service = AggregatorService(settings)
     task = asyncio.create_task(service.run())
+    started = asyncio.create_task(service.wait_started())
     try:
-        await asyncio.wait_for(
-            asyncio.wait(
-                [task, asyncio.ensure_future(service.wait_started())],
-                return_when=asyncio.FIRST_COMPLETED,
-            ),
-            WAIT,
-        )
+        await asyncio.wait([task, started], timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             task.result()  # raise the startup failure
+        if not started.done():
+            raise AssertionError(f"the aggregator did not start within {WAIT} s")
         yield service
     finally:
+        started.cancel()
         service.request_stop()
-        await asyncio.wait_for(task, WAIT)
+        await within(task, WAIT)
 
 
 def records(state_dir: Path) -> list[RoundRecord]:
@@ -136,7 +131,11 @@ def records(state_dir: Path) -> list[RoundRecord]:
 
 
 async def wait_for(predicate: Any, timeout: float = WAIT, interval: float = 0.02) -> None:
-    """Poll ``predicate()`` until true (behaviour, not timing, is asserted)."""
+    """Poll ``predicate()`` until true (behaviour, not timing, is asserted).
+
+    For conditions no message announces (service counters, files); a scripted client's
+    own messages are waited for with its ``wait_until``.
+    """
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
@@ -144,8 +143,8 @@ async def wait_for(predicate: Any, timeout: float = WAIT, interval: float = 0.02
         await asyncio.sleep(interval)
 
 
-class ScriptedAgent:
-    """An agent whose updates are chosen by the test."""
+class ScriptedAgent(ScriptedConnection):
+    """One agent whose updates are chosen by the test: last will, heartbeats, downloads."""
 
     def __init__(
         self,
@@ -156,49 +155,37 @@ class ScriptedAgent:
         heartbeat_s: float = 1.0,
         chunk_size: int = 4096,
     ) -> None:
-        self.client = client
-        self.federation = federation
-        self.topics = Topics(federation)
-        self.heartbeat_s = heartbeat_s
-        self.chunk_size = chunk_size
+        topics = Topics(federation)
         offline = AgentStatus(
             client=client, state="offline", heartbeat_s=heartbeat_s, ts=time.time()
         )
-        self.session = MqttSession(
-            BrokerSettings(broker.url, client, persistent_session=False),
+        super().__init__(
+            broker.url,
+            federation,
             subscriptions=[
-                (self.topics.round(), 1),
-                (self.topics.ack(client), 1),
-                (self.topics.aggregator_status(), 1),
+                (topics.round(), 1),
+                (topics.ack(client), 1),
+                (topics.aggregator_status(), 1),
             ],
-            will=LastWill(self.topics.status(client), encode_control(offline)),
+            client_id=client,
+            will=LastWill(topics.status(client), encode_control(offline)),
+            chunk_size=chunk_size,
         )
-        self.rounds: list[RoundAnnouncement] = []
-        self.acks: list[Ack] = []
-        self.statuses: list[AggregatorStatus] = []
+        self.client = client
+        self.heartbeat_s = heartbeat_s
         self.receiver = BlobReceiver(self.session, self.topics)
-        self._tasks: list[asyncio.Task[None]] = []
+        self._heartbeat: asyncio.Task[None] | None = None
 
-    async def _handle(self, message: Message) -> None:
-        parsed = self.topics.parse(message.topic)
-        payload = message.payload
-        assert isinstance(payload, bytes | bytearray)
-        if isinstance(parsed, RoundTopic) and payload:
-            self.rounds.append(decode_control(payload, RoundAnnouncement))
-        elif isinstance(parsed, AckTopic):
-            self.acks.append(decode_control(payload, Ack))
-        elif isinstance(parsed, BlobChunkTopic):
+    async def on_message(self, parsed: ParsedTopic, message: Message) -> None:
+        if isinstance(parsed, BlobChunkTopic):
             await self.receiver.feed(message, parsed)
-        elif isinstance(parsed, AggregatorStatusTopic) and payload:
-            self.statuses.append(decode_control(payload, AggregatorStatus))
 
     async def start(self, *, announce: bool = True) -> ScriptedAgent:
         """Connect; unless ``announce`` is False, say online and keep heartbeating."""
-        self._tasks.append(asyncio.create_task(self.session.run(self._handle)))
-        await self.session.wait_connected(WAIT)
+        await self.connect(WAIT)
         if announce:
             await self.publish_status()
-            self._tasks.append(asyncio.create_task(self._heartbeat()))
+            self._heartbeat = asyncio.create_task(self._beat())
         return self
 
     async def publish_status(self, state: str = "online") -> None:
@@ -212,7 +199,7 @@ class ScriptedAgent:
             self.topics.status(self.client), encode_control(status), retain=True
         )
 
-    async def _heartbeat(self) -> None:
+    async def _beat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             with contextlib.suppress(TransportError):  # like an agent: retry next beat
@@ -220,37 +207,21 @@ class ScriptedAgent:
 
     async def stop(self, *, offline: bool = True) -> None:
         """Disconnect, saying offline first unless ``offline`` is False."""
-        heartbeat, self._tasks[1:] = self._tasks[1:], []
-        for task in heartbeat:
-            task.cancel()
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await task
+                await heartbeat
         if offline:
             with contextlib.suppress(TransportError):
                 await self.publish_status("offline")
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks = []
+        await self.disconnect()
 
     def silence(self) -> None:
         """Stop heartbeating but stay connected (an agent that hung)."""
-        for task in self._tasks[1:]:
-            task.cancel()
-        del self._tasks[1:]
-
-    async def wait_round(self, round_id: int, status: str = "open") -> RoundAnnouncement:
-        def found() -> RoundAnnouncement | None:
-            for announcement in reversed(self.rounds):
-                if announcement.round == round_id and announcement.status == status:
-                    return announcement
-            return None
-
-        await wait_for(lambda: found() is not None)
-        result = found()
-        assert result is not None
-        return result
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
 
     async def send_bytes(
         self,
@@ -261,17 +232,8 @@ class ScriptedAgent:
         federation: str | None = None,
         sender: str | None = None,
     ) -> None:
-        ref = blob_ref(data, self.chunk_size)
-        await publish_chunks(
-            self.session,
-            data,
-            ref,
-            lambda index: self.topics.update(self.client, round_id, index),
-            kind="update",
-            federation=federation or self.federation,
-            sender=sender or self.client,
-            round_id=round_id,
-            update_id=update_id,
+        await self.upload(
+            self.client, round_id, update_id, data, federation=federation, sender=sender
         )
 
     def envelope(
@@ -286,18 +248,16 @@ class ScriptedAgent:
         federation: str | None = None,
         codec: str = "raw",
     ) -> tuple[str, bytes]:
-        uid = update_id or uuid.uuid4().hex
-        meta = UpdateMeta(
-            federation=federation or self.federation,
-            client=self.client,
-            round=round_id,
-            base_round=round_id if base_round is None else base_round,
-            update_id=uid,
-            num_examples=examples,
-            metrics=dict(metrics or {}),
-            created_at=time.time(),
+        return self.update_envelope(
+            self.client,
+            round_id,
+            encode_tensors(tensors, CodecSpec.parse(codec)).data,
+            examples=examples,
+            update_id=update_id,
+            base_round=base_round,
+            metrics=metrics,
+            federation=federation,
         )
-        return uid, encode_update(meta, encode_tensors(tensors, CodecSpec.parse(codec)).data)
 
     async def send_update(self, round_id: int, tensors: Mapping[str, np.ndarray], **kw: Any) -> str:
         uid, data = self.envelope(round_id, tensors, **kw)
@@ -308,10 +268,6 @@ class ScriptedAgent:
         """Rejection counts of the latest aggregator status."""
         return dict(self.statuses[-1].rejected) if self.statuses else {}
 
-    async def wait_ack(self, update_id: str, count: int = 1) -> Ack:
-        await wait_for(lambda: sum(a.update_id == update_id for a in self.acks) >= count)
-        return [a for a in self.acks if a.update_id == update_id][count - 1]
-
     async def fetch_params(self, announcement: RoundAnnouncement) -> dict[str, np.ndarray]:
         blob = await self.receiver.fetch(announcement.params, WAIT)
         return {name: np.array(array) for name, array in decode_tensors(blob).items()}
@@ -320,25 +276,18 @@ class ScriptedAgent:
 async def read_status(broker: MosquittoBroker, federation: str) -> AggregatorStatus:
     """The retained aggregator status, as a fresh subscriber sees it."""
     topics = Topics(federation)
-    seen: list[AggregatorStatus] = []
-
-    async def handle(message: Message) -> None:
-        payload = message.payload
-        if isinstance(payload, bytes | bytearray) and payload:
-            seen.append(decode_control(payload, AggregatorStatus))
-
-    session = MqttSession(
-        BrokerSettings(broker.url, f"probe-{uuid.uuid4().hex[:8]}", persistent_session=False),
+    probe = ScriptedConnection(
+        broker.url,
+        federation,
         subscriptions=[(topics.aggregator_status(), 1)],
+        client_id=f"probe-{uuid.uuid4().hex[:8]}",
     )
-    task = asyncio.create_task(session.run(handle))
+    await probe.connect(WAIT)
     try:
-        await wait_for(lambda: bool(seen))
+        await probe.wait_until(lambda: bool(probe.statuses), WAIT)
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    return seen[-1]
+        await probe.disconnect()
+    return probe.statuses[-1]
 
 
 # A device process we can kill -9: connects with a last will, says online, sleeps.
@@ -393,74 +342,6 @@ class DeviceProcess:
         self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
-
-
-FLEET_CHUNK = 64 * 1024  # bytes per upload chunk of a fleet
-
-
-class Fleet:
-    """Many agent ids behind one MQTT connection (the dev broker enforces no ACLs)."""
-
-    def __init__(self, broker: MosquittoBroker, federation: str, clients: list[str]) -> None:
-        self.topics = Topics(federation)
-        self.federation = federation
-        self.clients = clients
-        self.session = MqttSession(
-            BrokerSettings(broker.url, f"fleet-{uuid.uuid4().hex[:8]}", persistent_session=False),
-            subscriptions=[(self.topics.round(), 1), (f"{self.topics.prefix}/ack/+", 1)],
-        )
-        self.acks: list[Ack] = []
-        self.rounds: list[RoundAnnouncement] = []
-        self._task: asyncio.Task[None] | None = None
-
-    async def _handle(self, message: Message) -> None:
-        parsed = self.topics.parse(message.topic)
-        payload = message.payload
-        assert isinstance(payload, bytes | bytearray)
-        if isinstance(parsed, AckTopic):
-            self.acks.append(decode_control(payload, Ack))
-        elif isinstance(parsed, RoundTopic) and payload:
-            self.rounds.append(decode_control(payload, RoundAnnouncement))
-
-    async def start(self) -> Fleet:
-        self._task = asyncio.create_task(self.session.run(self._handle))
-        await self.session.wait_connected(WAIT)
-        for client in self.clients:
-            status = AgentStatus(client=client, state="online", heartbeat_s=60.0, ts=time.time())
-            await self.session.publish(
-                self.topics.status(client), encode_control(status), retain=True
-            )
-        return self
-
-    async def stop(self) -> None:
-        for client in self.clients:  # do not leave retained statuses behind
-            await self.session.publish(self.topics.status(client), b"", retain=True)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def send(
-        self, client: str, round_id: int, tensors: Mapping[str, np.ndarray], examples: int
-    ) -> str:
-        uid = uuid.uuid4().hex
-        meta = UpdateMeta(
-            self.federation, client, round_id, round_id, uid, examples, {}, time.time()
-        )
-        data = encode_update(meta, encode_tensors(tensors).data)
-        ref = blob_ref(data, FLEET_CHUNK)
-        await publish_chunks(
-            self.session,
-            data,
-            ref,
-            lambda index: self.topics.update(client, round_id, index),
-            kind="update",
-            federation=self.federation,
-            sender=client,
-            round_id=round_id,
-            update_id=uid,
-        )
-        return uid
 
 
 def write_toml(

@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from aggregator.scripted import (
-    FLEET_CHUNK,
     DeviceProcess,
-    Fleet,
     ScriptedAgent,
     fedavg,
     make_settings,
@@ -25,6 +23,7 @@ from aggregator.scripted import (
     wait_for,
 )
 from fedmq.broker.mosquitto import MosquittoBroker
+from fedmq.testing.scripted_clients import SCRIPTED_CHUNK, ScriptedClients
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -176,7 +175,7 @@ async def test_a_burst_of_50_updates_in_one_second_is_all_accepted(
     # gets its PUBACK. Size both with the rule of broker_config/README.md: twice
     # agents x chunks (bytes) per update, for one round of backlog.
     update_bytes = sum(int(np.prod(s)) for s in update_shapes().values()) * 4 + 4096
-    chunks_per_update = -(-update_bytes // FLEET_CHUNK)
+    chunks_per_update = -(-update_bytes // SCRIPTED_CHUNK)
     broker = make_broker(
         max_inflight_messages=20,  # Mosquitto's default: the rest of a burst is queued
         max_queued_messages=2 * AGENTS_IN_BURST * chunks_per_update,
@@ -187,7 +186,7 @@ async def test_a_burst_of_50_updates_in_one_second_is_all_accepted(
     settings = make_settings(
         broker, federation, state, round={"min_agents": AGENTS_IN_BURST, "deadline_s": 600}
     )
-    fleet = await Fleet(broker, federation, clients).start()
+    fleet = await ScriptedClients(broker.url, federation, clients).start()
     try:
         async with running_service(settings) as service:
             await wait_for(lambda: any(r.round == 1 and r.status == "open" for r in fleet.rounds))

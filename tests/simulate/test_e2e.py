@@ -253,16 +253,16 @@ def test_a_simulator_killed_with_sigkill_takes_its_children_along(tmp_path: Path
 async def test_an_agent_that_cannot_start_fails_the_run_cleanly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedmq.simulate import runner
+    from fedmq.simulate import settings as simulated
 
-    original = runner.agent_settings
+    original = simulated.agent_settings
 
     def unusable_state_dir(*args: Any, **kwargs: Any) -> AgentSettings:
         settings = original(*args, **kwargs)
         # /proc refuses new directories: the agent stops with its configuration error.
         return settings.model_copy(update={"state_dir": Path("/proc/fedmq-cannot-write")})
 
-    monkeypatch.setattr(runner, "agent_settings", unusable_state_dir)
+    monkeypatch.setattr(simulated, "agent_settings", unusable_state_dir)
     simulation = Simulation(SimulationOptions(agents=2, rounds=1, out=tmp_path / "report"))
     with pytest.raises(SimulationError, match="failed to start"):
         await simulation.run()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +10,7 @@ import pytest
 from edge_agent.config import parse_settings
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.simulate.fleet import InProcessFleet
-from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
-from fedmq.wire.control import AgentStatus, decode_control
+from fedmq.testing.scripted_clients import ScriptedConnection
 from fedmq.wire.topics import Topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
@@ -37,46 +33,31 @@ async def test_a_crashed_agent_goes_offline_by_its_will_and_a_revived_one_comes_
         }
     )
     topics = Topics(federation)
-    statuses: list[AgentStatus] = []
-    states: list[str] = []
-
-    async def collect(message: Message) -> None:
-        if isinstance(message.payload, bytes) and message.payload:
-            status = decode_control(message.payload, AgentStatus)
-            statuses.append(status)
-            states.append(status.state)
-
-    watcher = MqttSession(
-        BrokerSettings(broker.url, f"{federation}-watch", persistent_session=False),
+    watcher = ScriptedConnection(
+        broker.url,
+        federation,
         subscriptions=[(topics.status("dev-1"), 1)],
+        client_id=f"{federation}-watch",
     )
-    watching = asyncio.create_task(watcher.run(collect))
+    statuses = watcher.agent_statuses
     fleet = InProcessFleet([settings])
     try:
-        await watcher.wait_connected(10)
+        await watcher.connect(10)
         await fleet.start()
-        async with asyncio.timeout(10):
-            while "idle" not in states:
-                await asyncio.sleep(0.02)
+        await watcher.wait_until(lambda: any(s.state == "idle" for s in statuses), 10)
         fleet.crash("dev-1")
         assert not fleet.is_alive("dev-1")
-        async with asyncio.timeout(10):
-            while states[-1] != "offline":
-                await asyncio.sleep(0.02)
+        await watcher.wait_until(lambda: statuses[-1].state == "offline", 10)
         # The last will: its status was frozen before the agent connected, so it is older
         # than the agent's first status; a clean shutdown would have sent a fresh one.
         assert statuses[-1].ts <= statuses[0].ts
         await fleet.revive("dev-1")
         assert fleet.is_alive("dev-1")
-        async with asyncio.timeout(10):
-            while states[-1] == "offline":
-                await asyncio.sleep(0.02)
+        await watcher.wait_until(lambda: statuses[-1].state != "offline", 10)
         assert fleet.statistics()["dev-1"].connections == 1  # a new agent object
         assert fleet.failures() == []
     finally:
         await fleet.stop()
-        watching.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watching
-    assert states[-1] == "offline"  # the revived agent's clean stop
+        await watcher.disconnect()
+    assert statuses[-1].state == "offline"  # the revived agent's clean stop
     assert statuses[-1].ts > statuses[0].ts

@@ -1,4 +1,4 @@
-"""The TOML writer: whatever it writes, tomllib reads back as the same document."""
+"""The agent.toml writer (tomli-w, None left out): tomllib reads back what it writes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedmq.simulate.toml_text import dumps
+from fedmq.simulate.settings import toml_text
 
 keys = st.text(min_size=1, max_size=8)
 scalars = st.one_of(
@@ -29,18 +29,18 @@ documents = st.dictionaries(keys, values, max_size=6)
 
 @given(documents)
 def test_round_trip(document: dict[str, Any]) -> None:
-    assert tomllib.loads(dumps(document)) == document
+    assert tomllib.loads(toml_text(document)) == document
 
 
 def test_none_is_left_out_and_nan_survives() -> None:
-    parsed = tomllib.loads(dumps({"a": None, "t": {"x": math.nan, "y": None}, "e": {}}))
+    parsed = tomllib.loads(toml_text({"a": None, "t": {"x": math.nan, "y": None}, "e": {}}))
     assert set(parsed) == {"t", "e"}
     assert math.isnan(parsed["t"]["x"])
     assert parsed["e"] == {}
 
 
 def test_agent_document_shape() -> None:
-    text = dumps(
+    text = toml_text(
         {
             "client_id": "agent-001",
             "broker": {"url": "mqtt://127.0.0.1:1883", "protocol": "5"},
@@ -52,4 +52,4 @@ def test_agent_document_shape() -> None:
 
 def test_unsupported_values_are_refused() -> None:
     with pytest.raises(TypeError, match="set"):
-        dumps({"a": {1, 2}})
+        toml_text({"a": {1, 2}})

@@ -1,0 +1,83 @@
+"""What the agent's jobs share while it runs: one object, built once the state dir is open.
+
+:meth:`edge_agent.daemon.Agent.run` opens the state directory, the blob cache, the MQTT
+session and the blob receiver, and puts them in one :class:`AgentContext` that it hands
+to the round runner (:mod:`edge_agent.rounds`) and the uploader
+(:mod:`edge_agent.uploader`).  None of them exists before ``run()`` and all of them
+exist after, so no job ever asks whether one is there yet.
+
+The jobs run on one event loop, so the context's plain fields need no lock; the
+training thread touches only the status board (see :mod:`edge_agent.status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.blob_cache import BlobCache
+from edge_agent.config import AgentSettings
+from edge_agent.state import StateDir
+from edge_agent.status import StatusBoard
+from fedmq.transport.blobs import BlobReceiver
+from fedmq.transport.mqtt import MqttSession
+from fedmq.wire.control import AgentState
+from fedmq.wire.limits import DecodeLimits
+from fedmq.wire.topics import Topics
+
+
+@dataclass
+class Counters:
+    """What the agent has done so far; each job counts its own (see ``AgentStatistics``)."""
+
+    rounds_trained: int = 0
+    rounds_failed: int = 0
+    updates_committed: int = 0
+    updates_acked: int = 0
+    updates_dropped: int = 0
+    uploads: int = 0
+
+
+@dataclass
+class AgentContext:
+    """The running agent's resources and the signals its jobs pass each other.
+
+    Attributes:
+        status_changed: set to publish the status now rather than at the next heartbeat.
+        outbox_kick: set when the outbox may have something to do (a commit, an ack, a
+            reconnect).
+        is_stopping: true once shutdown began: no new rounds, no new uploads.
+        uploading: the uploader is sending; "idle" is then shown as "uploading".
+    """
+
+    settings: AgentSettings
+    topics: Topics
+    limits: DecodeLimits
+    clock: Callable[[], float]
+    status: StatusBoard
+    counters: Counters
+    state_dir: StateDir
+    cache: BlobCache
+    session: MqttSession
+    receiver: BlobReceiver
+    status_changed: asyncio.Event
+    outbox_kick: asyncio.Event
+    is_stopping: Callable[[], bool]
+    uploading: bool = False
+
+    @property
+    def client(self) -> str:
+        """This agent's client id."""
+        return self.settings.client_id
+
+    def task_name(self, job: str) -> str:
+        """The name of one of the agent's tasks, ``fedmq[<client>].<job>``."""
+        return f"fedmq[{self.client}].{job}"
+
+    def set_state(self, state: AgentState, round_id: int | None = None) -> None:
+        """Show ``state`` (for ``round_id``) and publish it at once."""
+        if state == "idle" and self.uploading:
+            state = "uploading"  # an upload outlives the round that committed it
+        self.status.set(state, round_id)
+        self.status_changed.set()

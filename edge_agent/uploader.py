@@ -1,0 +1,178 @@
+"""The outbox's way out: send committed updates until an ack settles each one.
+
+The life of an update in :class:`Uploader`, once the round runner committed it to the
+outbox (on disk, so all of this resumes after a restart):
+
+1. **Send.**  The ``outbox`` task (:meth:`Uploader.run`) asks
+   :func:`~edge_agent.decisions.outbox_action` about every entry: send it now (once per
+   broker connection: a reconnect may have lost chunks the broker had acknowledged),
+   wait (no ack yet, within the doubling ack timeout) or expire it (unacknowledged past
+   ``outbox.max_age_s``).  Chunks go out with QoS 1 on ``update/<client>/<round>/<i>``.
+2. **Ack.**  The agent hands every decoded ack to :meth:`Uploader.on_ack`;
+   :func:`~edge_agent.decisions.decide_ack` says whether it settles an entry we hold.
+   Whatever the verdict, a settled entry leaves the outbox.
+3. **Finished.**  When the federation is over, :meth:`Uploader.drop_outbox` drops every
+   entry: no aggregator will ever ack them.
+
+The loop sleeps until the next entry is due or :attr:`AgentContext.outbox_kick` is set
+(a commit, an ack, a reconnect).  It sends nothing once shutdown began.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from edge_agent.context import AgentContext
+from edge_agent.decisions import IgnoreAck, SendRecord, decide_ack, outbox_action
+from edge_agent.outbox import OutboxEntry
+from fedmq.errors import TransportError
+from fedmq.timeouts import wait_event
+from fedmq.transport.blobs import publish_chunks
+from fedmq.wire.control import Ack
+
+log = logging.getLogger(__name__)
+
+
+class Uploader:
+    """Sends the outbox's updates and settles them by their acks.
+
+    Args:
+        context: the running agent's resources.
+    """
+
+    def __init__(self, context: AgentContext) -> None:
+        self._context = context
+        self._outbox = context.state_dir.outbox
+        self._records: dict[str, SendRecord] = {}  # in memory: a restart sends again
+
+    # -- called by the agent --------------------------------------------------------
+
+    def on_ack(self, ack: Ack) -> None:
+        """Settle the outbox entry ``ack`` names, if it names one of ours."""
+        context = self._context
+        decision = decide_ack(
+            ack,
+            client=context.client,
+            federation=context.settings.federation,
+            entry=self._outbox.get(ack.update_id),
+        )
+        if isinstance(decision, IgnoreAck):
+            log.log(decision.level, "ignoring ack: %s", decision.reason)
+            return
+        log.log(decision.level, "%s", decision.message)
+        self._remove(decision.update_id)
+        if ack.accepted:
+            context.counters.updates_acked += 1
+        else:
+            context.counters.updates_dropped += 1
+        if decision.error is not None:
+            context.status.error(decision.error)
+            context.status_changed.set()
+        context.outbox_kick.set()
+
+    def drop_outbox(self, why: str) -> None:
+        """Drop every entry (the federation finished: nobody will ack them)."""
+        for entry in self._outbox.entries():
+            self._drop(entry, why)
+
+    # -- the outbox task ------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The ``outbox`` task: (re)send entries until acked; expire the forgotten ones."""
+        context = self._context
+        session = context.session
+        settings = context.settings.outbox
+        while True:
+            wake_at: float | None = None
+            sent = False
+            for entry in self._outbox.entries():
+                record = self._records.setdefault(entry.update_id, SendRecord())
+                now = context.clock()
+                action, due = outbox_action(
+                    entry,
+                    record,
+                    now=now,
+                    connection=session.connections,
+                    ack_timeout=settings.ack_timeout_s,
+                    max_age=settings.max_age_s,
+                )
+                if action == "expire":
+                    age = now - entry.created_at
+                    self._drop(entry, f"unacknowledged for {age:.0f} s", logging.WARNING)
+                elif action == "wait":
+                    assert due is not None  # outbox_action gives a due time with "wait"
+                    wake_at = due if wake_at is None else min(wake_at, due)
+                elif session.is_connected and not context.is_stopping():
+                    await self._send(entry, record)
+                    sent = True
+            if sent:
+                continue  # look again: acks may have come, and the next wait is now known
+            context.uploading = False
+            if context.status.state == "uploading":
+                context.set_state("idle")
+            timeout = None if wake_at is None else max(0.0, wake_at - context.clock())
+            await wait_event(context.outbox_kick, timeout)
+            context.outbox_kick.clear()
+
+    def _remove(self, update_id: str) -> None:
+        self._outbox.remove(update_id)
+        self._records.pop(update_id, None)
+
+    def _drop(self, entry: OutboxEntry, why: str, level: int = logging.INFO) -> None:
+        log.log(level, "dropping update %s for round %d: %s", entry.update_id, entry.round, why)
+        self._remove(entry.update_id)
+        self._context.counters.updates_dropped += 1
+
+    async def _send(self, entry: OutboxEntry, record: SendRecord) -> None:
+        context = self._context
+        session = context.session
+        try:
+            data = self._outbox.read_update(entry)
+        except FileNotFoundError:
+            return  # acked (and deleted) meanwhile
+        connection = session.connections
+        ref = entry.ref
+        context.uploading = True
+        if context.status.state in ("idle", "online", "uploading"):
+            context.status.set("uploading", entry.round, 0.0)
+            context.status_changed.set()
+        sent = 0
+
+        def on_chunk(_index: int) -> None:
+            nonlocal sent
+            sent += 1
+            if context.status.state == "uploading":
+                context.status.report_progress(sent, ref.count)
+
+        log.info(
+            "sending update %s for round %d (%d chunks)%s",
+            entry.update_id,
+            entry.round,
+            ref.count,
+            f", attempt {record.sends + 1}" if record.sends else "",
+        )
+        try:
+            await publish_chunks(
+                session,
+                data,
+                ref,
+                lambda index: context.topics.update(context.client, entry.round, index),
+                kind="update",
+                federation=entry.federation,
+                sender=context.client,
+                round_id=entry.round,
+                update_id=entry.update_id,
+                on_chunk=on_chunk,
+            )
+        except ExceptionGroup as group:  # publish_chunks runs a TaskGroup
+            matched, rest = group.split(TransportError)
+            if rest is not None or matched is None:
+                raise
+            log.warning("upload of %s interrupted: %s", entry.update_id, matched.exceptions[0])
+            return
+        context.counters.uploads += 1
+        record.sends += 1
+        record.sent_at = context.clock()
+        # A reconnect during the upload may have lost chunks the old connection had
+        # handed to the broker: send again on the new connection.
+        record.connection = connection if session.connections == connection else None
