@@ -44,7 +44,7 @@ from fedmq.broker.mosquitto import MosquittoBroker, MosquittoConfig
 from fedmq.bundle.manifest import Manifest
 from fedmq.bundle.parameters import write_parameters
 from fedmq.strategies import CoordinateMedian, Krum, TrimmedMean, WeightedMean
-from fedmq.strategies.base import ModelLayout
+from fedmq.strategies.layout import ModelLayout
 from fedmq.testing.scripted_clients import ScriptedClients
 from fedmq.timeouts import within
 from fedmq.transport.message import Message

@@ -30,12 +30,14 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from types import MappingProxyType
 from typing import Any
 
 from fedmq.aggregator.config import AggregatorSettings
 from fedmq.aggregator.memory import trim_heap
 from fedmq.aggregator.outbound import Outbound
 from fedmq.aggregator.recovery import load_coordinator
+from fedmq.aggregator.statistics import AggregatorStatistics
 from fedmq.aggregator.store import StateStore
 from fedmq.bundle import Bundle
 from fedmq.coordinator.actions import (
@@ -92,7 +94,7 @@ class AggregatorService:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self.counters: Counter[str] = Counter()
+        self._counters: Counter[str] = Counter()
         self.finished = False
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
@@ -131,6 +133,24 @@ class AggregatorService:
         if self._store is None:
             raise StateError("the service has not opened its state directory yet")
         return self._store
+
+    def statistics(self) -> AggregatorStatistics:
+        """A frozen snapshot of the service's counters."""
+        coordinator = self._coordinator
+        counters = self._counters
+        prefix = "rejected."
+        return AggregatorStatistics(
+            phase=coordinator.phase if coordinator is not None else None,
+            round=coordinator.round if coordinator is not None else None,
+            connections=self._session.connections if self._session is not None else 0,
+            updates_accepted=counters["accepted"],
+            rejected=MappingProxyType(
+                {k[len(prefix) :]: v for k, v in counters.items() if k.startswith(prefix)}
+            ),
+            rounds_closed=counters["rounds.closed"],
+            rounds_failed=counters["rounds.failed"],
+            finished=self.finished,
+        )
 
     async def wait_started(self) -> None:
         """Wait until the service is connected and has (re)started its round."""
@@ -346,7 +366,7 @@ class AggregatorService:
             case StatusChanged():
                 self._status_event.set()
             case UpdateRejected():
-                self.counters[f"rejected.{action.reason}"] += 1
+                self._counters[f"rejected.{action.reason}"] += 1
                 log.warning(
                     "rejected %s from %s (round %d): %s",
                     f"update {action.update_id}" if action.update_id else "a chunk",
@@ -361,7 +381,7 @@ class AggregatorService:
                     action.message,
                 )
             case RoundClosed():
-                self.counters[f"rounds.{action.outcome}"] += 1
+                self._counters[f"rounds.{action.outcome}"] += 1
                 log.info("round %d %s (%s)", action.round, action.outcome, action.reason)
             case FederationFinished():
                 self.finished = True
@@ -418,7 +438,7 @@ class AggregatorService:
                 for ticket in batch:
                     now = self.clock()
                     if error is None:
-                        self.counters["accepted"] += 1
+                        self._counters["accepted"] += 1
                         await self._apply(self.coordinator.persisted(ticket, now))
                     else:
                         await self._apply(self.coordinator.persist_failed(ticket, error, now))

@@ -200,7 +200,7 @@ async def test_a_burst_of_50_updates_in_one_second_is_all_accepted(
             assert {a.update_id for a in fleet.acks} == set(uids)
             assert all(a.accepted and a.reason == "accepted" for a in fleet.acks)
             await wait_for(lambda: any(r.status == "finished" for r in fleet.rounds))
-            assert service.counters["accepted"] == AGENTS_IN_BURST
+            assert service.statistics().updates_accepted == AGENTS_IN_BURST
     finally:
         await fleet.stop()
     [record] = records(state)

@@ -140,7 +140,7 @@ async def test_a_broker_restart_mid_round_loses_no_accepted_update(
         assert len(record.contributions) == 5
     service = simulation.service
     assert service is not None
-    assert service.counters["accepted"] == 15  # each accepted update counted once
+    assert service.statistics().updates_accepted == 15  # each accepted update counted once
     fleet = simulation.fleet
     assert isinstance(fleet, InProcessFleet)
     stats = fleet.statistics()
