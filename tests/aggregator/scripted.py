@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -273,8 +273,17 @@ class ScriptedAgent(ScriptedConnection):
         return {name: np.array(array) for name, array in decode_tensors(blob).items()}
 
 
-async def read_status(broker: MosquittoBroker, federation: str) -> AggregatorStatus:
-    """The retained aggregator status, as a fresh subscriber sees it."""
+async def read_status(
+    broker: MosquittoBroker,
+    federation: str,
+    until: Callable[[AggregatorStatus], bool] = lambda status: True,
+) -> AggregatorStatus:
+    """The retained aggregator status, as a fresh subscriber sees it.
+
+    ``until``: wait for the first status that satisfies it (the aggregator publishes its
+    status just after the announcement, so right after a round change the retained
+    status may still be the previous one).
+    """
     topics = Topics(federation)
     probe = ScriptedConnection(
         broker.url,
@@ -284,7 +293,7 @@ async def read_status(broker: MosquittoBroker, federation: str) -> AggregatorSta
     )
     await probe.connect(WAIT)
     try:
-        await probe.wait_until(lambda: bool(probe.statuses), WAIT)
+        await probe.wait_until(lambda: bool(probe.statuses) and until(probe.statuses[-1]), WAIT)
     finally:
         await probe.disconnect()
     return probe.statuses[-1]

@@ -76,7 +76,7 @@ async def test_bad_updates_are_rejected_with_reasons_while_the_round_completes(
         assert (replay.accepted, replay.reason) == (True, "duplicate")
         await other.wait_ack(await other.send_update(1, random_delta(2), examples=30))
         await good.wait_round(1, "finished")
-        status = await read_status(broker, federation)
+        status = await read_status(broker, federation, until=lambda s: s.state == "finished")
     [record] = records(state)
     assert (record.outcome, record.reason) == ("closed", "all_reported")
     assert [(c.client, c.examples) for c in record.contributions] == [("good", 10), ("other", 30)]

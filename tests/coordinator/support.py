@@ -7,7 +7,6 @@ published.  Clock values are explicit.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +35,13 @@ from fedmq.coordinator.records import RoundRecord
 from fedmq.coordinator.validation import UpdateSchema, verify_assembled
 from fedmq.strategies.config import StrategyConfig, build_strategy
 from fedmq.strategies.strategy import Strategy
+from fedmq.testing.scripted_clients import update_envelope
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.chunks import encode_blob_chunks
 from fedmq.wire.control import Ack, AgentStatus, RoundAnnouncement, decode_control
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import AckTopic, RoundTopic, Topics, UpdateChunkTopic
-from fedmq.wire.update import UpdateMeta, encode_update
 
 FEDERATION = "plant7"
 SHAPES: dict[str, tuple[int, ...]] = {"fc.weight": (32, 16), "fc.bias": (32,), "bn.mean": (32,)}
@@ -83,19 +82,18 @@ def envelope(
     federation: str = FEDERATION,
     codec: str = "raw",
 ) -> tuple[str, bytes]:
-    uid = update_id or uuid.uuid4().hex
     body = encode_tensors(tensors, CodecSpec.parse(codec)).data
-    meta = UpdateMeta(
-        federation=federation,
-        client=client,
-        round=round_id,
-        base_round=round_id if base_round is None else base_round,
-        update_id=uid,
-        num_examples=examples,
-        metrics=dict(metrics or {}),
+    return update_envelope(
+        federation,
+        client,
+        round_id,
+        body,
+        examples=examples,
         created_at=T0,
+        update_id=update_id,
+        base_round=base_round,
+        metrics=metrics,
     )
-    return uid, encode_update(meta, body)
 
 
 def chunks(
