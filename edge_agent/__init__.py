@@ -1,8 +1,8 @@
 """fedmq edge agent: the device daemon that trains locally and uploads compressed deltas.
 
-Installed with ``pip install fedmq[agent]``; imports only the device stack (aiomqtt,
-numpy, onnxruntime, pydantic, pydantic-settings, zstandard), never torch or the server
-packages (``tests/agent/test_imports.py`` enforces it).
+Installed with a bare ``pip install fedmq`` (the core dependencies are the device
+stack: aiomqtt, msgpack, numpy, onnxruntime, pydantic, pydantic-settings, zstandard);
+never imports torch or the server packages (``tests/test_layering.py`` enforces it).
 
 Public API:
 
