@@ -69,7 +69,15 @@ HELPERS = (
     "config_file",
 )
 # Server and operator layers below the commands; none of them is ever on a device.
-SERVER_LAYERS = ("strategies", "coordinator", "aggregator", "broker", "scaffold", "datasets")
+SERVER_LAYERS = (
+    "strategies",
+    "coordinator",
+    "aggregator",
+    "broker",
+    "scaffold",
+    "datasets",
+    "pki",
+)
 LAYERS: dict[str, Layer] = {
     "fedmq": layer(),
     "fedmq.errors": layer(),
@@ -79,7 +87,7 @@ LAYERS: dict[str, Layer] = {
     "fedmq.timeouts": layer(asyncio=True),
     "fedmq.durable_files": layer(["buffers"]),
     "fedmq.config_file": layer(["errors"]),
-    "fedmq.wire": layer(["errors", "buffers"], ["msgpack", "zstandard"]),
+    "fedmq.wire": layer(["errors", "buffers"], ["msgpack", "zstandard", "nacl"]),
     "fedmq.bundle": layer(["errors", "buffers", "wire"]),
     "fedmq.runtime": layer(["errors", "buffers", "wire", "bundle"], ["onnxruntime"]),
     "fedmq.strategies": layer(["errors", "buffers", "wire", "bundle"]),
@@ -92,6 +100,9 @@ LAYERS: dict[str, Layer] = {
         ["torch", "onnx", "onnxscript", "onnx2torch", "torchvision"],
     ),
     "fedmq.broker": layer(HELPERS, ["amqtt"], asyncio=True),
+    "fedmq.pki": layer(
+        ["errors", "buffers", "durable_files", "config_file", "wire"], ["cryptography"]
+    ),
     "edge_agent": layer([*HELPERS, "wire", "bundle", "runtime", "transport"], asyncio=True),
     "fedmq.aggregator": layer(
         [*HELPERS, "wire", "bundle", "strategies", "coordinator", "transport"],
