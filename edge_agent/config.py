@@ -21,6 +21,7 @@ from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection
 from fedmq.transport.mqtt import BrokerSettings
 from fedmq.wire.ids import Identifier, TopicRoot
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, MiB
+from fedmq.wire.signing import SigningKey, TrustedKeys, read_signing_key, read_verify_key
 
 ENV_PREFIX = "FEDMQ_AGENT_"
 DEFAULT_STATE_DIR = Path("/var/lib/fedmq-agent")
@@ -112,6 +113,44 @@ class OutboxConfig(_Section):
     max_age_s: float = Field(DEFAULT_OUTBOX_MAX_AGE, gt=0)
 
 
+class SecurityConfig(_Section):
+    """``[security]``: the aggregator's pinned key and this device's signing key.
+
+    Without this table the agent obeys unsigned control messages: development brokers
+    only (the agent logs a warning at start).
+    """
+
+    aggregator_keys: list[Path] = Field(
+        min_length=1,
+        max_length=8,
+        description="the aggregator's public signing keys (two while rotating)",
+    )
+    signing_key: Path = Field(description="this device's Ed25519 secret key (update signing)")
+
+    @model_validator(mode="after")
+    def _files(self) -> SecurityConfig:
+        for path in [*self.aggregator_keys, self.signing_key]:
+            if not path.is_file():
+                raise ValueError(f"{str(path)!r} does not exist or is not a file")
+        return self
+
+    def trusted_keys(self) -> TrustedKeys:
+        """The pinned aggregator keys.
+
+        Raises:
+            ConfigError: a key file is unreadable or not a public key.
+        """
+        return TrustedKeys(read_verify_key(path) for path in self.aggregator_keys)
+
+    def device_key(self) -> SigningKey:
+        """This device's signing key.
+
+        Raises:
+            ConfigError: the file is unreadable or not a secret key.
+        """
+        return read_signing_key(self.signing_key)
+
+
 class AgentSettings(EnvFirstSettings):
     """Everything ``fedmq-agent run`` needs; see docs/agent.md for each field."""
 
@@ -133,6 +172,7 @@ class AgentSettings(EnvFirstSettings):
     data: DataConfig
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    security: SecurityConfig | None = None
 
     def broker_settings(self) -> BrokerSettings:
         """Connection settings for :class:`fedmq.transport.mqtt.MqttSession`."""
@@ -165,4 +205,17 @@ def load_settings(path: Path) -> AgentSettings:
     resolve_paths(base, document, ("state_dir",))
     resolve_paths(base, document.get("data"), ("path", "module_path"))
     resolve_paths(base, document.get("broker"), TLS_FILE_KEYS)
-    return parse_settings(document, str(path))
+    security = document.get("security")
+    resolve_paths(base, security, ("signing_key",))
+    if isinstance(security, dict) and isinstance(security.get("aggregator_keys"), list):
+        security["aggregator_keys"] = [
+            str(base / key) if isinstance(key, str) else key for key in security["aggregator_keys"]
+        ]
+    settings = parse_settings(document, str(path))
+    if settings.security is not None:
+        try:  # the key files' contents, so a bad key is a start-up error naming the file
+            settings.security.trusted_keys()
+            settings.security.device_key()
+        except ConfigError as exc:
+            raise ConfigError(f"invalid agent configuration in {path}: {exc}") from exc
+    return settings

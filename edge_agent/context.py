@@ -20,10 +20,12 @@ from edge_agent.blob_cache import BlobCache
 from edge_agent.config import AgentSettings
 from edge_agent.state import StateDir
 from edge_agent.status import StatusBoard
+from edge_agent.trust import ControlTrust
 from fedmq.transport.blobs import BlobReceiver
 from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.control import AgentState
 from fedmq.wire.limits import DecodeLimits
+from fedmq.wire.signing import SigningKey
 from fedmq.wire.topics import Topics
 
 
@@ -37,6 +39,7 @@ class Counters:
     updates_acked: int = 0
     updates_dropped: int = 0
     uploads: int = 0
+    refused_messages: int = 0  # control messages refused: unsigned, forged, replayed
 
 
 @dataclass
@@ -44,6 +47,8 @@ class AgentContext:
     """The running agent's resources and the signals its jobs pass each other.
 
     Attributes:
+        trust: decodes and verifies control messages.
+        device_key: signs this device's updates (None: unsigned, development).
         status_changed: set to publish the status now rather than at the next heartbeat.
         outbox_kick: set when the outbox may have something to do (a commit, an ack, a
             reconnect).
@@ -64,6 +69,8 @@ class AgentContext:
     status_changed: asyncio.Event
     outbox_kick: asyncio.Event
     is_stopping: Callable[[], bool]
+    trust: ControlTrust
+    device_key: SigningKey | None = None
     uploading: bool = False
 
     @property

@@ -42,6 +42,7 @@ from edge_agent.state import StateDir
 from edge_agent.status import StatusBoard
 from edge_agent.systemd import Notifier
 from edge_agent.training import run_in_thread
+from edge_agent.trust import ControlTrust
 from edge_agent.uploader import Uploader
 from fedmq.errors import DecodeError, RemoteProtocolError, TransportError
 from fedmq.timeouts import wait_event, within
@@ -49,7 +50,8 @@ from fedmq.transport.blobs import BlobReceiver
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import Ack, AgentState, RoundAnnouncement, decode_control, encode_control
+from fedmq.wire.control import AgentState, encode_control
+from fedmq.wire.signing import SignatureError
 from fedmq.wire.topics import AckTopic, BlobChunkTopic, RoundTopic, Topics
 
 __all__ = [
@@ -79,6 +81,7 @@ class AgentStatistics:
     updates_acked: int
     updates_dropped: int
     uploads: int
+    refused_messages: int
     rejected_chunks: int
     refetches: int
     corrupt_cache_reads: int
@@ -233,6 +236,15 @@ class Agent:
         self.status.bundle = state_dir.state.bundle
         self.status.round = state_dir.state.last_answered_round
         limits = settings.limits.decode_limits()
+        security = settings.security
+        trusted = security.trusted_keys() if security is not None else None
+        if trusted is None:
+            log.warning(
+                "no [security] table: obeying unsigned control messages from anyone on the "
+                "broker (development brokers only; see docs/deploy.md)"
+            )
+        else:
+            log.info("pinned aggregator key(s) %s", ", ".join(trusted.ids))
         cache = BlobCache(state_dir.cache_dir, settings.limits.cache_max_mb * 1024**2)
         will = LastWill(
             self.topics.status(self.client),
@@ -265,6 +277,8 @@ class Agent:
             status_changed=self._status_changed,
             outbox_kick=self._outbox_kick,
             is_stopping=lambda: self._stopping,
+            trust=ControlTrust(trusted, state_dir),
+            device_key=security.device_key() if security is not None else None,
         )
 
     # -- task orchestration -----------------------------------------------------------
@@ -362,10 +376,17 @@ class Agent:
 
     def _on_announcement(self, jobs: _Jobs, payload: bytes | bytearray) -> None:
         try:
-            announcement = decode_control(payload, RoundAnnouncement)
+            announcement = jobs.context.trust.announcement(payload)
+        except SignatureError as exc:
+            # Changes nothing: no state, no status (a hostile client must not be able to
+            # write into our status), only the log and a counter.
+            self._counters.refused_messages += 1
+            log.warning("refusing round announcement: %s", exc)
+            return
         except DecodeError as exc:
             log.warning("ignoring malformed round announcement: %s", exc)
-            self.status.error(f"malformed round announcement: {exc}")
+            if not jobs.context.trust.signed:
+                self.status.error(f"malformed round announcement: {exc}")
             return
         if self._stopping:
             return
@@ -375,7 +396,11 @@ class Agent:
 
     def _on_ack(self, jobs: _Jobs, payload: bytes | bytearray) -> None:
         try:
-            ack = decode_control(payload, Ack)
+            ack = jobs.context.trust.ack(payload)
+        except SignatureError as exc:
+            self._counters.refused_messages += 1
+            log.warning("refusing ack: %s", exc)
+            return
         except DecodeError as exc:
             log.warning("ignoring malformed ack: %s", exc)
             return

@@ -43,6 +43,9 @@ class PersistentState(BaseModel):
     federation: str
     last_answered_round: RoundNumber | None = None
     bundle: str | None = None
+    # issued_at of the newest signed announcement: an older one is a replay, also after
+    # a restart (the broker may hold an old retained one).
+    newest_announcement: float | None = None
 
 
 class ResidualStore:
@@ -170,12 +173,20 @@ class StateDir:
         if last is not None and last >= round_id and self.state.bundle == bundle:
             return
         self.save_state(
-            PersistentState(
-                federation=self.federation,
-                last_answered_round=max(round_id, last if last is not None else round_id),
-                bundle=bundle,
+            self.state.model_copy(
+                update={
+                    "last_answered_round": max(round_id, last if last is not None else round_id),
+                    "bundle": bundle,
+                }
             )
         )
+
+    def note_announcement(self, issued_at: float) -> None:
+        """Record the newest valid announcement's time (never lowers it)."""
+        newest = self.state.newest_announcement
+        if newest is not None and newest >= issued_at:
+            return
+        self.save_state(self.state.model_copy(update={"newest_announcement": issued_at}))
 
     def recover(self) -> None:
         """Finish what a crash interrupted: drop half-made commits, promote residuals.

@@ -29,6 +29,7 @@ from fedmq.errors import TransportError
 from fedmq.timeouts import wait_event
 from fedmq.transport.blobs import publish_chunks
 from fedmq.wire.control import Ack
+from fedmq.wire.signing import update_statement
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,20 @@ class Uploader:
         self._remove(entry.update_id)
         self._context.counters.updates_dropped += 1
 
+    def _signature(self, entry: OutboxEntry) -> bytes | None:
+        key = self._context.device_key
+        if key is None:
+            return None
+        statement = update_statement(
+            entry.federation,
+            self._context.client,
+            entry.round,
+            entry.update_id,
+            bytes.fromhex(entry.ref.sha256),
+            entry.ref.size,
+        )
+        return key.sign(statement)
+
     async def _send(self, entry: OutboxEntry, record: SendRecord) -> None:
         context = self._context
         session = context.session
@@ -162,6 +177,7 @@ class Uploader:
                 sender=context.client,
                 round_id=entry.round,
                 update_id=entry.update_id,
+                signature=self._signature(entry),
                 on_chunk=on_chunk,
             )
         except ExceptionGroup as group:  # publish_chunks runs a TaskGroup

@@ -11,18 +11,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from fedmq.aggregator.devices import DeviceRegistry
 from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
 from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
 from fedmq.coordinator.policy import (
     DEFAULT_DEADLINE,
     DEFAULT_DEDUPE_ROUNDS,
+    DEFAULT_MAX_AGENTS,
     DEFAULT_RECONNECT_SETTLE,
     DEFAULT_SETTLE,
     AsyncPolicy,
     CoordinatorConfig,
+    SecurityPolicy,
     SyncPolicy,
     TargetMetric,
 )
@@ -35,6 +38,7 @@ from fedmq.transport.mqtt import BrokerSettings
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.wire.control import CodecText
 from fedmq.wire.ids import Identifier, TopicRoot
+from fedmq.wire.signing import read_signing_key
 from fedmq.wire.topics import DEFAULT_ROOT
 from fedmq.wire.training import TrainingConfig
 
@@ -97,6 +101,21 @@ class TargetMetricSection(_Section):
     mode: Literal["max", "min"] = "max"
 
 
+class SecuritySection(_Section):
+    """``[security]``: signed control messages and the device registry (see docs/deploy.md)."""
+
+    signing_key: Path = Field(description="the aggregator's Ed25519 secret key (fedmq pki)")
+    devices: Path = Field(description="device registry: a directory of <client id>.pub files")
+
+    @model_validator(mode="after")
+    def _files(self) -> SecuritySection:
+        if not self.signing_key.is_file():
+            raise ValueError(f"signing_key {str(self.signing_key)!r} is not a file")
+        if not self.devices.is_dir():
+            raise ValueError(f"devices {str(self.devices)!r} is not a directory")
+        return self
+
+
 class AggregatorSettings(EnvFirstSettings):
     """Everything ``fedmq serve`` needs; see ``docs/aggregator.md``."""
 
@@ -119,7 +138,11 @@ class AggregatorSettings(EnvFirstSettings):
     # Upper bound: a chunk message must fit DecodeLimits.max_message_bytes (4 MiB) with its header.
     chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=2 * 1024 * 1024)
     target_metric: TargetMetricSection | None = None
+    security: SecuritySection | None = Field(
+        None, description="None: unsigned, for development brokers only"
+    )
     agents: list[Identifier] | None = Field(None, description="allow list (None: any)")
+    max_agents: int = Field(DEFAULT_MAX_AGENTS, ge=1, description="agents tracked at most")
     heartbeat_s: float = Field(DEFAULT_HEARTBEAT, gt=0)
     missed_heartbeats: int = Field(MISSED_HEARTBEATS, ge=1)
     dropout_grace_s: float = Field(DROPOUT_GRACE, ge=0)
@@ -150,6 +173,12 @@ class AggregatorSettings(EnvFirstSettings):
         """
         r = self.round
         target = self.target_metric
+        security = None
+        if self.security is not None:
+            security = SecurityPolicy(
+                signer=read_signing_key(self.security.signing_key),
+                devices=DeviceRegistry(self.security.devices).load(),
+            )
         return CoordinatorConfig(
             federation=self.federation,
             aggregator_id=self.client_id,
@@ -187,6 +216,8 @@ class AggregatorSettings(EnvFirstSettings):
             max_pending_updates=self.max_pending_updates,
             pending_ttl_s=self.pending_ttl_s,
             dedupe_rounds=self.dedupe_rounds,
+            max_agents=self.max_agents,
+            security=security,
         )
 
 
@@ -223,6 +254,7 @@ def load_settings(path: Path | None, **overrides: Any) -> AggregatorSettings:
         base = path.resolve().parent
         resolve_paths(base, data, ("bundle", "state_dir"))
         resolve_paths(base, data.get("broker"), TLS_FILE_KEYS)
+        resolve_paths(base, data.get("security"), ("signing_key", "devices"))
     data.update(overrides)
     where = f" in {path}" if path is not None else ""
     try:

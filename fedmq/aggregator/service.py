@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fedmq.aggregator.config import AggregatorSettings
+from fedmq.aggregator.devices import REFRESH_INTERVAL, DeviceRegistry
 from fedmq.aggregator.memory import trim_heap
 from fedmq.aggregator.outbound import Outbound
 from fedmq.aggregator.recovery import load_coordinator
@@ -205,7 +206,9 @@ class AggregatorService:
         session = MqttSession(
             self.settings.broker_settings(),
             subscriptions=[(topics.status_filter(), 1), (topics.update_filter(), 1)],
-            will=LastWill(topics.aggregator_status(), encode_control(offline)),
+            will=LastWill(
+                topics.aggregator_status(), encode_control(offline, coordinator.config.signer)
+            ),
             on_connect=self._on_connect,
         )
         self._session = session
@@ -220,6 +223,9 @@ class AggregatorService:
                 self._spawn(group, self._timer_loop(), "timer")
                 self._spawn(group, self._status_loop(), "status")
                 self._spawn(group, self._startup(), "startup")
+                if self.settings.security is not None:
+                    registry = DeviceRegistry(self.settings.security.devices)
+                    self._spawn(group, self._registry_loop(registry), "registry")
                 await self._stop.wait()
                 await self._shutdown()
                 for task in [*self._tasks, *self._loose]:
@@ -470,13 +476,23 @@ class AggregatorService:
             self._queue_status()
             await asyncio.sleep(self.settings.status_interval_s)
 
+    async def _registry_loop(self, registry: DeviceRegistry) -> None:
+        registry.load()
+        while True:
+            await asyncio.sleep(REFRESH_INTERVAL)
+            devices = await asyncio.to_thread(registry.refresh)
+            if devices is not None:
+                async with self._lock:
+                    await self._apply(self.coordinator.set_devices(devices, self.clock()))
+
     def _queue_status(self) -> None:
         # Once stopping, the offline status must be the last one published.
         if self._coordinator is None or not self._accepting:
             return
         status = self.coordinator.status(self.clock())
         topic = self.coordinator.topics.aggregator_status()
-        self._out().put(Publish(topic, encode_control(status), retain=True))
+        payload = encode_control(status, self.coordinator.config.signer)
+        self._out().put(Publish(topic, payload, retain=True))
 
 
 async def serve(settings: AggregatorSettings) -> AggregatorService:

@@ -65,6 +65,7 @@ from fedmq.wire.control import (
     AggregatorStatus,
     encode_control,
 )
+from fedmq.wire.signing import VerifyKey
 from fedmq.wire.tensors import decode_tensors, encode_tensors
 from fedmq.wire.topics import Topics, UpdateChunkTopic
 
@@ -108,14 +109,20 @@ class Coordinator:
         self.strategy = strategy
         self.schema = schema
         self.topics = Topics(config.federation, config.root)
+        devices = config.security.devices if config.security is not None else None
         self.roster = Roster(
-            config.heartbeat_s, config.missed_heartbeats, config.agents, config.dropout_grace_s
+            config.heartbeat_s,
+            config.missed_heartbeats,
+            _allowed(config.agents, devices),
+            config.dropout_grace_s,
+            max_agents=config.max_agents,
         )
         self.intake = UpdateIntake(
             config.federation,
             max_update_bytes=schema.max_update_bytes,
             max_pending=config.max_pending_updates,
             ttl_s=config.pending_ttl_s,
+            devices=devices,
         )
         self.state = FederationState(
             params=dict(params),
@@ -303,6 +310,21 @@ class Coordinator:
         self._reported = None  # the retained status may be lost too
         return self._end_input(actions, now)
 
+    def set_devices(self, devices: Mapping[str, VerifyKey], now: float) -> list[Action]:
+        """Replace the device registry (a device was enrolled or revoked).
+
+        A revoked device is no longer known: its updates are dropped from now on and a
+        round stops waiting for it.
+        """
+        if self.config.security is None:
+            raise ConfigError("this federation has no device registry ([security] devices)")
+        self.intake.devices = dict(devices)
+        self.roster.set_allowed(_allowed(self.config.agents, devices))
+        actions: list[Action] = [Noted("info", f"device registry: {len(devices)} devices")]
+        if self.state.round.phase == "collecting":
+            actions.extend(self.flow.maybe_close(now))
+        return self._end_input(actions, now)
+
     def on_status(self, client: str, status: AgentStatus | None, now: float) -> list[Action]:
         """An agent's retained status arrived (None: the retained status was deleted)."""
         if status is None:
@@ -310,7 +332,18 @@ class Coordinator:
         elif status.client != client:
             return [Noted("warning", f"status on {client!r}'s topic names {status.client!r}")]
         elif not self.roster.update(status, now):
-            return [Noted("info", f"ignoring status of {client!r}: not in the agents list")]
+            ignored = self.roster.ignored
+            if ignored & (ignored - 1):  # log the 1st, 2nd, 4th, 8th...: a flood stays quiet
+                return []
+            allowed = self.roster.allowed
+            why = (
+                "not on the agents list or device registry"
+                if allowed is not None and client not in allowed
+                else f"roster full at max_agents = {self.config.max_agents}"
+            )
+            return [
+                Noted("info", f"ignoring status of {client!r} ({why}; {ignored} ignored so far)")
+            ]
         return self._end_input(self.flow.apply_rules(now), now)
 
     def receive_chunk(self, topic: UpdateChunkTopic, payload: Buffer, now: float) -> list[Action]:
@@ -403,7 +436,8 @@ class Coordinator:
     def shutdown(self, now: float) -> list[Action]:
         """Going away cleanly: say so on the retained status (no last will on clean exit)."""
         status = self.status(now).model_copy(update={"state": "offline"})
-        return [Publish(self.topics.aggregator_status(), encode_control(status), retain=True)]
+        payload = encode_control(status, self.config.signer)
+        return [Publish(self.topics.aggregator_status(), payload, retain=True)]
 
     # ------------------------------------------------------------------ queries
 
@@ -471,3 +505,13 @@ class Coordinator:
             self._armed = wake
             actions.append(ArmTimer(wake))
         return actions
+
+
+def _allowed(
+    agents: frozenset[str] | None, devices: Mapping[str, VerifyKey] | None
+) -> frozenset[str] | None:
+    """The agents the roster knows: the allow list, narrowed to the registered devices."""
+    if devices is None:
+        return agents
+    registered = frozenset(devices)
+    return registered if agents is None else registered & agents

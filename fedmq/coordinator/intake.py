@@ -9,12 +9,19 @@ verdict is answered once the whole (re-)send has been seen, so an agent re-sendi
 
 Bounded: at most ``max_pending`` updates in reassembly (``max_pending_per_client`` per
 agent), and partial updates idle for ``ttl_s`` are dropped (the agent re-sends, since
-it was never acked).
+it was never acked).  Only updates that passed admission hold a reassembly slot:
+refused ones are ticked off in a separate bounded table (the oldest is forgotten first,
+and its sender simply gets no ack), so made-up ids can never crowd out real agents.
+
+With a device registry (``devices``), a chunk counts only when the client id of its
+topic (which the broker authenticates) is registered and the chunk carries that
+device's valid signature of the update (:func:`~fedmq.wire.signing.update_statement`);
+anything else is dropped before it takes any memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from fedmq.buffers import Buffer
@@ -24,11 +31,13 @@ from fedmq.wire.blobs import BlobAssembler, BlobRef
 from fedmq.wire.chunks import ChunkHeader, decode_chunk
 from fedmq.wire.control import AckReason
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from fedmq.wire.signing import VerifyKey, update_statement
 from fedmq.wire.topics import UpdateChunkTopic
 
 DEFAULT_MAX_PENDING = 64  # updates in reassembly at once: a burst of 50 agents fits
 DEFAULT_MAX_PENDING_PER_CLIENT = 2  # an agent re-sending under a new id replaces, not adds
 DEFAULT_TTL = 120.0  # seconds without a chunk before a partial update is dropped
+REFUSED_PER_SLOT = 4  # refused updates ticked off per reassembly slot before forgetting
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class _Pending:
     verdict: Verdict | None = None
     seen: bytearray = field(default_factory=bytearray)
     unseen: int = 0
+    signature: bytes | None = None
 
 
 class UpdateIntake:
@@ -97,6 +107,7 @@ class UpdateIntake:
         max_pending: updates in reassembly at once.
         max_pending_per_client: updates of one agent in reassembly at once.
         ttl_s: idle seconds before a partial update is dropped.
+        devices: the device registry (None: updates are not signature-checked).
     """
 
     def __init__(
@@ -108,14 +119,17 @@ class UpdateIntake:
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_per_client: int = DEFAULT_MAX_PENDING_PER_CLIENT,
         ttl_s: float = DEFAULT_TTL,
+        devices: Mapping[str, VerifyKey] | None = None,
     ) -> None:
         self.federation = federation
+        self.devices = devices
         self.limits = limits
         self.max_update_bytes = max_update_bytes
         self.max_pending = max_pending
         self.max_pending_per_client = max_pending_per_client
         self.ttl_s = ttl_s
-        self._pending: dict[tuple[str, str], _Pending] = {}
+        self._pending: dict[tuple[str, str], _Pending] = {}  # admitted: hold a buffer
+        self._refused: dict[tuple[str, str], _Pending] = {}  # refused early: ticked off
         # Reassembly is bounded by the update size limit, not the generic blob limit.
         self._assembly_limits = replace(
             limits, max_blob_bytes=max(limits.max_blob_bytes, max_update_bytes)
@@ -126,11 +140,14 @@ class UpdateIntake:
     @property
     def pending(self) -> int:
         """Updates currently in reassembly or being ticked off."""
-        return len(self._pending)
+        return len(self._pending) + len(self._refused)
 
     def buffered_bytes(self) -> int:
         """Bytes allocated for updates in reassembly."""
         return sum(p.ref.size for p in self._pending.values() if p.assembler is not None)
+
+    def _table(self, entry: _Pending) -> dict[tuple[str, str], _Pending]:
+        return self._pending if entry.assembler is not None else self._refused
 
     def receive(
         self, topic: UpdateChunkTopic, payload: Buffer, now: float, admit: Gate
@@ -151,12 +168,21 @@ class UpdateIntake:
         assert header.update_id is not None  # decode_chunk guarantees it for update chunks
         key = UpdateKey(topic.client, topic.round, header.update_id)
         slot = (topic.client, header.update_id)
-        entry = self._pending.get(slot)
-        if entry is not None and (entry.ref != header.blob or entry.key != key):
+        entry = self._pending.get(slot) or self._refused.get(slot)
+        if entry is not None and entry.signature != header.signature:
+            problem = self._check_signature(topic, header)
+            if problem is not None:
+                return problem  # a forged chunk must not disturb the real send
+        if entry is not None and (
+            entry.ref != header.blob or entry.key != key or entry.signature != header.signature
+        ):
             # Same update id with other bytes or round: the newest send wins.
-            del self._pending[slot]
+            del self._table(entry)[slot]
             entry = None
         if entry is None:
+            problem = self._check_signature(topic, header)
+            if problem is not None:
+                return problem
             started = self._start(key, header, now, admit)
             if isinstance(started, ChunkProblem):
                 return started
@@ -186,21 +212,54 @@ class UpdateIntake:
             )
         return None
 
+    def _check_signature(self, topic: UpdateChunkTopic, header: ChunkHeader) -> ChunkProblem | None:
+        if self.devices is None:
+            return None
+        key = self.devices.get(topic.client)
+        if key is None:
+            return ChunkProblem(
+                topic.client, topic.round, "unknown_client", "not in the device registry"
+            )
+        if header.signature is None:
+            return ChunkProblem(
+                topic.client, topic.round, "bad_signature", "update chunk is not signed"
+            )
+        assert header.update_id is not None
+        statement = update_statement(
+            header.federation,
+            topic.client,
+            header.round,
+            header.update_id,
+            bytes.fromhex(header.blob.sha256),
+            header.blob.size,
+        )
+        if not key.verify(statement, header.signature):
+            return ChunkProblem(
+                topic.client,
+                topic.round,
+                "bad_signature",
+                f"update {header.update_id} is not signed by {topic.client!r}'s registered key",
+            )
+        return None
+
+    def _busy(self, key: UpdateKey) -> ChunkProblem | None:
+        if len(self._pending) < self.max_pending and (
+            sum(1 for client, _ in self._pending if client == key.client)
+            < self.max_pending_per_client
+        ):
+            return None
+        self.dropped_busy += 1
+        return ChunkProblem(
+            key.client,
+            key.round,
+            "busy",
+            f"{len(self._pending)} updates already in reassembly; chunk dropped, "
+            "the agent re-sends",
+        )
+
     def _start(
         self, key: UpdateKey, header: ChunkHeader, now: float, admit: Gate
     ) -> _Pending | ChunkProblem:
-        if len(self._pending) >= self.max_pending or (
-            sum(1 for client, _ in self._pending if client == key.client)
-            >= self.max_pending_per_client
-        ):
-            self.dropped_busy += 1
-            return ChunkProblem(
-                key.client,
-                key.round,
-                "busy",
-                f"{len(self._pending)} updates already in reassembly; chunk dropped, "
-                "the agent re-sends",
-            )
         verdict: Verdict | None
         if header.federation != self.federation:
             verdict = Verdict(False, "wrong_federation", f"chunk is for {header.federation!r}")
@@ -212,14 +271,22 @@ class UpdateIntake:
             )
         else:
             verdict = admit(header)
-        entry = _Pending(key, header.blob, now)
+        entry = _Pending(key, header.blob, now, signature=header.signature)
+        slot = (key.client, key.update_id)
         if verdict is None:
+            busy = self._busy(key)
+            if busy is not None:
+                return busy
             entry.assembler = BlobAssembler(header.blob, self._assembly_limits)
-        else:
-            entry.verdict = verdict
-            entry.seen = bytearray(header.blob.count)
-            entry.unseen = header.blob.count
-        self._pending[(key.client, key.update_id)] = entry
+            self._pending[slot] = entry
+            return entry
+        entry.verdict = verdict
+        entry.seen = bytearray(header.blob.count)
+        entry.unseen = header.blob.count
+        if len(self._refused) >= REFUSED_PER_SLOT * self.max_pending:
+            # Forget the oldest refused update: its sender re-sends and is judged again.
+            del self._refused[next(iter(self._refused))]
+        self._refused[slot] = entry
         return entry
 
     def _add(
@@ -231,7 +298,7 @@ class UpdateIntake:
                 entry.unseen -= 1
             if entry.unseen:
                 return None
-            del self._pending[slot]
+            del self._refused[slot]
             assert entry.verdict is not None
             return Answered(entry.key, entry.verdict)
         entry.assembler.add(index, payload)
@@ -242,6 +309,8 @@ class UpdateIntake:
 
     def expire(self, now: float) -> list[ChunkProblem]:
         """Drop partial updates idle for more than ``ttl_s``."""
+        for slot in [s for s, p in self._refused.items() if now - p.last_seen > self.ttl_s]:
+            del self._refused[slot]  # nothing buffered: forgotten without a report
         stale = [slot for slot, p in self._pending.items() if now - p.last_seen > self.ttl_s]
         problems = []
         for slot in stale:
@@ -261,4 +330,5 @@ class UpdateIntake:
 
     def next_expiry(self) -> float | None:
         """When the next partial update would expire."""
-        return min((p.last_seen + self.ttl_s for p in self._pending.values()), default=None)
+        entries = [*self._pending.values(), *self._refused.values()]
+        return min((p.last_seen + self.ttl_s for p in entries), default=None)

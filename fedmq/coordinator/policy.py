@@ -6,6 +6,7 @@ state machine can be built in a unit test with two lines.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,7 +15,9 @@ from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HE
 from fedmq.coordinator.selection import SelectAll, Selection
 from fedmq.errors import ConfigError
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
-from fedmq.wire.ids import validate_id
+from fedmq.wire.ids import MAX_ID_LENGTH, validate_id
+from fedmq.wire.limits import DEFAULT_LIMITS
+from fedmq.wire.signing import SigningKey, VerifyKey
 from fedmq.wire.topics import DEFAULT_ROOT
 from fedmq.wire.training import TrainingConfig
 
@@ -25,6 +28,11 @@ DEFAULT_SETTLE = 2.0  # seconds after (re)start for retained agent statuses to a
 # backoff that has grown to ~1.6 s after three failed attempts.
 DEFAULT_RECONNECT_SETTLE = 5.0
 DEFAULT_DEDUPE_ROUNDS = 8  # closed rounds whose update ids are remembered for duplicates
+# Agents the roster tracks at most: statuses from further ids are ignored and counted, so
+# a flood of made-up ids neither grows memory nor the announcement's selection list.
+DEFAULT_MAX_AGENTS = 1000
+# Announcement bytes besides the selection list (refs, training config): generous.
+_ANNOUNCEMENT_BASE = 16 * 1024
 
 LateUpdates = Literal["drop", "fold"]
 
@@ -122,6 +130,28 @@ class TargetMetric:
 
 
 @dataclass(frozen=True)
+class SecurityPolicy:
+    """Signing and device identity.
+
+    Args:
+        signer: the aggregator's key; signs every announcement, ack and status.
+        devices: the device registry, client id to the public key its updates are
+            signed with.  Only registered devices are known; an update counts only when
+            its topic's client id and a valid signature by that client's key agree.
+    """
+
+    signer: SigningKey
+    devices: Mapping[str, VerifyKey]
+
+
+def selection_fits(
+    max_agents: int, max_control_bytes: int = DEFAULT_LIMITS.max_control_bytes
+) -> bool:
+    """Whether an announcement selecting ``max_agents`` agents fits what agents accept."""
+    return _ANNOUNCEMENT_BASE + max_agents * (MAX_ID_LENGTH + 3) <= max_control_bytes
+
+
+@dataclass(frozen=True)
 class CoordinatorConfig:
     """Everything the coordinator needs besides the model and the strategy.
 
@@ -148,6 +178,8 @@ class CoordinatorConfig:
         max_pending_updates: updates in reassembly at once.
         pending_ttl_s: idle seconds before a partial update is dropped.
         dedupe_rounds: closed rounds whose update ids still get ``duplicate`` acks.
+        max_agents: agents the roster tracks at most (statuses of more are ignored).
+        security: signing key and device registry (None: unsigned, development only).
     """
 
     federation: str
@@ -170,8 +202,20 @@ class CoordinatorConfig:
     max_pending_updates: int = DEFAULT_MAX_PENDING
     pending_ttl_s: float = DEFAULT_TTL
     dedupe_rounds: int = DEFAULT_DEDUPE_ROUNDS
+    max_agents: int = DEFAULT_MAX_AGENTS
+    security: SecurityPolicy | None = None
+
+    @property
+    def signer(self) -> SigningKey | None:
+        """The key control messages are signed with (None: unsigned)."""
+        return self.security.signer if self.security is not None else None
 
     def __post_init__(self) -> None:
+        if self.max_agents < 1 or not selection_fits(self.max_agents):
+            raise ConfigError(
+                f"max_agents {self.max_agents} must be between 1 and the largest fleet whose "
+                "selection fits an announcement agents accept (about 3600)"
+            )
         validate_id(self.federation, "federation id")
         validate_id(self.aggregator_id, "aggregator client id")
         if self.rounds < 1:

@@ -42,6 +42,8 @@ class Roster:
         allowed: if given, only these agents are known; statuses from others are ignored.
         dropout_grace_s: how long an agent that said ``offline`` stays "maybe back soon"
             for :meth:`is_gone` (it is not online, so never selected, meanwhile).
+        max_agents: agents tracked at most; statuses of further ids are ignored and
+            counted in :attr:`ignored` (a flood of made-up ids cannot grow the roster).
     """
 
     def __init__(
@@ -50,12 +52,22 @@ class Roster:
         missed_heartbeats: int = MISSED_HEARTBEATS,
         allowed: Iterable[str] | None = None,
         dropout_grace_s: float = DROPOUT_GRACE,
+        max_agents: int | None = None,
     ) -> None:
         self.default_heartbeat_s = default_heartbeat_s
         self.missed_heartbeats = missed_heartbeats
         self.dropout_grace_s = dropout_grace_s
         self.allowed = frozenset(allowed) if allowed is not None else None
+        self.max_agents = max_agents
+        self.ignored = 0  # statuses of unknown or excess ids
         self._agents: dict[str, Presence] = {}
+
+    def set_allowed(self, allowed: Iterable[str] | None) -> None:
+        """Replace the allow list; agents no longer on it are forgotten."""
+        self.allowed = frozenset(allowed) if allowed is not None else None
+        if self.allowed is not None:
+            for client in [c for c in self._agents if c not in self.allowed]:
+                del self._agents[client]
 
     def is_known(self, client: str) -> bool:
         """True for an allowed agent (if there is an allow list) that has ever sent a status."""
@@ -64,8 +76,16 @@ class Roster:
         return client in self._agents
 
     def update(self, status: AgentStatus, now: float) -> bool:
-        """Record a status received at ``now``; return False if the agent is not allowed."""
-        if self.allowed is not None and status.client not in self.allowed:
+        """Record a status received at ``now``; False if it is ignored (and counted).
+
+        Ignored: the agent is not allowed, or it is new and the roster is full.
+        """
+        if (self.allowed is not None and status.client not in self.allowed) or (
+            self.max_agents is not None
+            and status.client not in self._agents
+            and len(self._agents) >= self.max_agents
+        ):
+            self.ignored += 1
             return False
         heartbeat = status.heartbeat_s or self.default_heartbeat_s
         previous = self._agents.get(status.client)

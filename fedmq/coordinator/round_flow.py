@@ -198,7 +198,7 @@ class RoundFlow:
             round=r.number,
             status=ANNOUNCED[r.phase],
             mode=self.config.mode,
-            issued_at=r.opened_at or now,
+            issued_at=now,
             deadline=r.deadline or now,
             bundle=self.state.blobs.bundle_ref,
             params=self.state.blobs.params_ref,
@@ -210,7 +210,7 @@ class RoundFlow:
 
     def announcement_action(self, now: float) -> Publish:
         """The retained announcement of the current round, as a publish."""
-        payload = encode_control(self._announcement(now))
+        payload = encode_control(self._announcement(now), self.config.signer)
         return Publish(self.topics.round(), payload, retain=True)
 
     def clear_unreferenced(self) -> list[Action]:

@@ -119,7 +119,7 @@ class UpdateDesk:
             detail=verdict.detail[:1024],
             ts=now,
         )
-        return Publish(self.topics.ack(key.client), encode_control(ack))
+        return Publish(self.topics.ack(key.client), encode_control(ack, self.config.signer))
 
     def commit(self, ticket: Ticket, now: float) -> list[Action]:
         """Fold a durable ticket's update into the round, remember it, ack it."""

@@ -71,6 +71,7 @@ async def publish_chunks(
     sender: str,
     round_id: int,
     update_id: str | None = None,
+    signature: bytes | None = None,
     retain: bool = False,
     indices: set[int] | None = None,
     on_chunk: Callable[[int], None] | None = None,
@@ -78,7 +79,8 @@ async def publish_chunks(
     """Publish the chunks of ``data`` with QoS 1, ``PUBLISH_WINDOW`` at a time.
 
     Returns when the broker has acknowledged every chunk.  ``indices`` limits the
-    upload to some chunks (a resumed upload); ``on_chunk`` reports progress.
+    upload to some chunks (a resumed upload); ``on_chunk`` reports progress;
+    ``signature`` is the device's signature of the update, carried by every chunk.
 
     Raises:
         TransportError: a chunk could not be published.
@@ -102,6 +104,7 @@ async def publish_chunks(
             sender=sender,
             round_id=round_id,
             update_id=update_id,
+            signature=signature,
         ):
             if indices is not None and index not in indices:
                 continue

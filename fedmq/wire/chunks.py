@@ -9,6 +9,8 @@ arrival (and fetched again) instead of spoiling the whole blob's sha256 check::
     sha (32 bytes), size, csz   the blob's sha256, total size, chunk size
     idx, n, crc                 chunk index, chunk count, crc32 of the payload
     uid                         update id (update chunks only): dedupes re-sends
+    sig                         the device's Ed25519 signature of the update statement
+                                (update chunks, when the device has a signing key)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fedmq.wire.blobs import BlobRef, split_blob
 from fedmq.wire.framing import decode_frame, encode_frame, require, require_int
 from fedmq.wire.ids import id_problem, validate_id
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from fedmq.wire.signing import SIGNATURE_BYTES
 from fedmq.wire.topics import MAX_ROUND
 
 ChunkKind = Literal["blob", "update"]
@@ -48,6 +51,9 @@ class ChunkHeader:
         blob: reference of the whole blob.
         index: position of this chunk.
         update_id: identifies one update across re-sends (update chunks only).
+        signature: the sender's signature of
+            :func:`~fedmq.wire.signing.update_statement` (update chunks only; every
+            chunk carries it, so the first one to arrive can be checked).
     """
 
     kind: ChunkKind
@@ -57,6 +63,7 @@ class ChunkHeader:
     blob: BlobRef
     index: int
     update_id: str | None = None
+    signature: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,10 @@ def encode_chunk(header: ChunkHeader, payload: Buffer) -> bytes:
     }
     if header.update_id is not None:
         fields["uid"] = header.update_id
+    if header.signature is not None:
+        if header.kind != "update" or len(header.signature) != SIGNATURE_BYTES:
+            raise LocalProtocolError("only update chunks carry a 64-byte signature")
+        fields["sig"] = header.signature
     return encode_frame(f"{header.kind}_chunk", fields, view)
 
 
@@ -116,10 +127,11 @@ def encode_blob_chunks(
     sender: str,
     round_id: int,
     update_id: str | None = None,
+    signature: bytes | None = None,
 ) -> Iterator[tuple[int, bytes]]:
     """Yield ``(index, message)`` for every chunk of ``data``."""
     for index, part in enumerate(split_blob(data, ref)):
-        header = ChunkHeader(kind, federation, sender, round_id, ref, index, update_id)
+        header = ChunkHeader(kind, federation, sender, round_id, ref, index, update_id, signature)
         yield index, encode_chunk(header, part)
 
 
@@ -176,6 +188,14 @@ def decode_chunk(data: Buffer, limits: DecodeLimits = DEFAULT_LIMITS) -> Chunk:
     if zlib.crc32(payload) != crc:
         raise IntegrityError(f"chunk {index} of blob {ref.sha256[:12]}… fails its crc32 check")
     update_id: str | None = None
+    signature: bytes | None = None
     if kind == "update":
         update_id = _checked_id(fields, "uid", "update id")
-    return Chunk(ChunkHeader(kind, federation, sender, round_id, ref, index, update_id), payload)
+        if "sig" in fields:
+            signature = require(fields, "sig", bytes)
+            if len(signature) != SIGNATURE_BYTES:
+                raise MalformedMessageError(
+                    f"update signature must be {SIGNATURE_BYTES} bytes, got {len(signature)}"
+                )
+    header = ChunkHeader(kind, federation, sender, round_id, ref, index, update_id, signature)
+    return Chunk(header, payload)

@@ -4,6 +4,10 @@ Round announcements, acks and statuses are JSON so operators can read them with
 ``mosquitto_sub`` or MQTT Explorer.  Each carries ``v`` (format version) and ``type``.
 Decoding is strict: unknown fields, wrong types and oversized payloads are rejected
 with a :class:`~fedmq.errors.DecodeError` naming the problem.
+
+Messages an agent acts on carry the aggregator's Ed25519 ``signature``
+(:mod:`fedmq.wire.signing`): :func:`encode_control` signs when given a key, and
+:func:`decode_control` verifies before it validates when given trusted keys.
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from fedmq.errors import (
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.ids import Identifier
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
+from fedmq.wire.signing import (
+    SIGNATURE_FIELD,
+    SigningKey,
+    TrustedKeys,
+    control_signature,
+    verify_control,
+)
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.topics import MAX_ROUND
 from fedmq.wire.training import TrainingConfig
@@ -53,6 +64,9 @@ class ControlMessage(BaseModel):
     TYPE: ClassVar[str]
 
     v: Literal[1] = 1
+    signature: str | None = Field(
+        None, max_length=256, description="ed25519:<key id>:<base64>, see fedmq.wire.signing"
+    )
 
 
 RoundPhase = Literal["waiting", "collecting", "finished"]
@@ -72,8 +86,9 @@ class RoundAnnouncement(ControlMessage):
 
     ``status`` is ``open`` while updates are collected, ``waiting`` while the round
     waits for enough agents to come online (it addresses nobody yet), and ``finished``
-    once the federation has run its last round (agents then go idle).  ``signature`` is reserved
-    for the aggregator's Ed25519 signature over the other fields.
+    once the federation has run its last round (agents then go idle).  ``issued_at``
+    orders announcements: a signed announcement older than the newest one an agent has
+    seen is a replay.
     """
 
     TYPE: ClassVar[str] = "round"
@@ -93,7 +108,6 @@ class RoundAnnouncement(ControlMessage):
     selected: list[Identifier] | None = Field(
         None, description="agents asked to train; None = any agent may contribute"
     )
-    signature: str | None = None
 
     def addresses(self, client: str) -> bool:
         """True if ``client`` is asked to train in this round."""
@@ -174,9 +188,11 @@ class AggregatorStatus(ControlMessage):
 M = TypeVar("M", bound=ControlMessage)
 
 
-def encode_control(message: ControlMessage) -> bytes:
-    """Serialise a control message to compact UTF-8 JSON."""
+def encode_control(message: ControlMessage, signer: SigningKey | None = None) -> bytes:
+    """Serialise a control message to compact UTF-8 JSON, signed by ``signer`` if given."""
     data = message.model_dump(mode="json")
+    if signer is not None:
+        data[SIGNATURE_FIELD] = control_signature(data, signer)
     try:
         return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:
@@ -187,13 +203,20 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def decode_control(data: Buffer, kind: type[M], limits: DecodeLimits = DEFAULT_LIMITS) -> M:
-    """Parse a control message of type ``kind``.
+def decode_control(
+    data: Buffer,
+    kind: type[M],
+    limits: DecodeLimits = DEFAULT_LIMITS,
+    trusted: TrustedKeys | None = None,
+) -> M:
+    """Parse a control message of type ``kind``; with ``trusted``, verify its signature.
 
     Raises:
         LimitExceededError: the payload is larger than ``limits.max_control_bytes``.
         UnsupportedVersionError: ``v`` is not a version this fedmq understands.
         MalformedMessageError: not JSON, the wrong ``type``, or a field fails validation.
+        SignatureError: (``trusted`` given) unsigned, signed by an untrusted key, or
+            altered; checked before the fields are validated.
     """
     view = memoryview(data).cast("B")
     if len(view) > limits.max_control_bytes:
@@ -213,6 +236,8 @@ def decode_control(data: Buffer, kind: type[M], limits: DecodeLimits = DEFAULT_L
         raise MalformedMessageError(
             f"expected a {kind.TYPE!r} message, got type {document.get('type')!r}"
         )
+    if trusted is not None:
+        verify_control(document, trusted)
     try:
         return kind.model_validate(document)
     except ValidationError as exc:

@@ -18,7 +18,7 @@ Key files are one line of text, so they survive copy-paste and config management
 ``#`` comment lines and blank lines are ignored.  A key is named by its *key id*: the
 first 16 hex digits of the sha256 of the public key.
 
-What is signed for a control message is ``fedmq-control-v1\\n`` followed by the
+What is signed for a control message is ``fedmq-control-v1`` and a newline, followed by the
 canonical JSON of the message without its ``signature`` field (sorted keys, no
 whitespace, ASCII).  The signature field reads ``ed25519:<key id>:<base64 signature>``.
 """
@@ -63,6 +63,10 @@ class UnknownKeyError(SignatureError):
 
 class BadSignatureError(SignatureError):
     """The signature does not verify: the message was altered or forged."""
+
+
+class ReplayedMessageError(SignatureError):
+    """A validly signed message older than one already seen: a replay."""
 
 
 def key_id(public: bytes) -> str:

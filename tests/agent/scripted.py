@@ -26,7 +26,7 @@ from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.blobs import BlobAssembler, BlobRef, blob_ref
-from fedmq.wire.chunks import decode_chunk
+from fedmq.wire.chunks import ChunkHeader, decode_chunk
 from fedmq.wire.control import (
     Ack,
     AgentStatus,
@@ -34,6 +34,7 @@ from fedmq.wire.control import (
     decode_control,
     encode_control,
 )
+from fedmq.wire.signing import SigningKey
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import StatusTopic, Topics, UpdateChunkTopic
 from fedmq.wire.training import TrainingConfig
@@ -69,6 +70,8 @@ class ScriptedAggregator:
     chunks_seen: int = 0
     chunk_uids: set[str] = field(default_factory=set)
     on_chunk: Callable[[UpdateChunkTopic], None] | None = None
+    signer: SigningKey | None = None  # signs announcements and acks, like fedmq serve
+    chunk_headers: list[ChunkHeader] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.topics = Topics(self.federation)
@@ -141,7 +144,7 @@ class ScriptedAggregator:
             chunk_size=chunk_size,
             selected=selected,
         )
-        await self.publish_raw_round(encode_control(announcement))
+        await self.publish_raw_round(encode_control(announcement, self.signer))
         return announcement
 
     async def publish_raw_round(self, payload: bytes) -> None:
@@ -186,6 +189,7 @@ class ScriptedAggregator:
         header = chunk.header
         assert header.update_id is not None
         self.chunk_uids.add(header.update_id)
+        self.chunk_headers.append(header)
         if self.on_chunk is not None:
             self.on_chunk(parsed)
         key = (header.sender, header.update_id)
@@ -221,7 +225,7 @@ class ScriptedAggregator:
             ts=time.time(),
         )
         self.acks.append(ack)
-        await self.session.publish(self.topics.ack(meta.client), encode_control(ack))
+        await self.session.publish(self.topics.ack(meta.client), encode_control(ack, self.signer))
 
-    async def send_ack(self, ack: Ack) -> None:
-        await self.session.publish(self.topics.ack(ack.client), encode_control(ack))
+    async def send_ack(self, ack: Ack, signer: SigningKey | None = None) -> None:
+        await self.session.publish(self.topics.ack(ack.client), encode_control(ack, signer))
