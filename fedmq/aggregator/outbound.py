@@ -72,6 +72,7 @@ class Outbound:
                     action.ref,
                     sender=self._sender,
                     round_id=action.round,
+                    indices=action.indices,
                 )
             case ClearBlob():
                 await clear_blob(session, topics, action.ref)

@@ -37,11 +37,15 @@ class Publish:
 
 @dataclass(frozen=True)
 class PublishBlob:
-    """Publish a blob as retained chunks; must complete before later actions run."""
+    """Publish a blob as retained chunks; must complete before later actions run.
+
+    ``indices`` limits it to some chunks (a repair); None publishes every chunk.
+    """
 
     ref: BlobRef
     data: bytes = field(repr=False)
     round: int
+    indices: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)

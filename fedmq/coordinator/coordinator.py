@@ -46,6 +46,7 @@ from fedmq.coordinator.actions import (
     VerifyUpdate,
 )
 from fedmq.coordinator.admission import Ignore
+from fedmq.coordinator.blob_guard import BlobGuard
 from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
 from fedmq.coordinator.ledger import BlobLedger
 from fedmq.coordinator.lifecycle import Phase
@@ -67,7 +68,7 @@ from fedmq.wire.control import (
 )
 from fedmq.wire.signing import VerifyKey
 from fedmq.wire.tensors import decode_tensors, encode_tensors
-from fedmq.wire.topics import Topics, UpdateChunkTopic
+from fedmq.wire.topics import BlobChunkTopic, Topics, UpdateChunkTopic
 
 StatusKey = tuple[Phase, int, float, int, int, int]
 
@@ -139,6 +140,7 @@ class Coordinator:
             self.state,
             not_before=now + config.settle_s,
         )
+        self.blob_guard = BlobGuard(config.aggregator_id)
         self.desk = UpdateDesk(config, self.topics, self.roster, strategy, self.state, self.flow)
         self._restored = False
         self._reported: StatusKey | None = None  # status last announced by StatusChanged
@@ -345,6 +347,21 @@ class Coordinator:
                 Noted("info", f"ignoring status of {client!r} ({why}; {ignored} ignored so far)")
             ]
         return self._end_input(self.flow.apply_rules(now), now)
+
+    def on_blob_chunk(self, topic: BlobChunkTopic, payload: Buffer, now: float) -> list[Action]:
+        """A retained blob chunk was (re)published: repair it if it is not ours."""
+        repair = self.blob_guard.check(
+            topic, payload, self.state.blobs, self.state.round.number, now
+        )
+        if repair is None:
+            return []
+        return [
+            Noted(
+                "warning",
+                f"blob chunk {topic.sha256[:12]}…/{topic.index} {repair.reason}: republishing it",
+            ),
+            repair.action,
+        ]
 
     def receive_chunk(self, topic: UpdateChunkTopic, payload: Buffer, now: float) -> list[Action]:
         """One message arrived on ``update/<client>/<round>/<i>``."""

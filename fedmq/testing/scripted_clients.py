@@ -35,7 +35,7 @@ from fedmq.timeouts import wait_event
 from fedmq.transport.blobs import publish_chunks
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import BrokerSettings, LastWill, MqttSession
-from fedmq.wire.blobs import blob_ref
+from fedmq.wire.blobs import BlobRef, blob_ref
 from fedmq.wire.chunks import encode_blob_chunks
 from fedmq.wire.control import (
     Ack,
@@ -45,6 +45,7 @@ from fedmq.wire.control import (
     decode_control,
     encode_control,
 )
+from fedmq.wire.signing import SigningKey, update_statement
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import (
     AckTopic,
@@ -260,40 +261,52 @@ class ScriptedConnection:
         *,
         federation: str | None = None,
         sender: str | None = None,
+        signer: SigningKey | None = None,
     ) -> None:
         """Publish ``data`` in chunks under ``client``'s update topics (QoS 1).
 
-        ``federation`` and ``sender`` override what the chunk headers claim.
+        ``federation`` and ``sender`` override what the chunk headers claim; ``signer``
+        signs the update as the device would.
 
         Raises:
             TransportError: a chunk could not be published.
         """
+        ref = blob_ref(data, self.chunk_size)
+        fed = federation or self.federation
         await publish_chunks(
             self.session,
             data,
-            blob_ref(data, self.chunk_size),
+            ref,
             lambda index: self.topics.update(client, round_id, index),
             kind="update",
-            federation=federation or self.federation,
+            federation=fed,
             sender=sender or client,
             round_id=round_id,
             update_id=update_id,
+            signature=_sign(signer, fed, client, round_id, update_id, ref),
         )
 
     def upload_messages(
-        self, client: str, round_id: int, update_id: str, data: bytes
+        self,
+        client: str,
+        round_id: int,
+        update_id: str,
+        data: bytes,
+        signer: SigningKey | None = None,
     ) -> list[tuple[str, bytes]]:
         """``(topic, message)`` of every chunk :meth:`upload` would publish, pre-encoded."""
+        ref = blob_ref(data, self.chunk_size)
         return [
             (self.topics.update(client, round_id, index), message)
             for index, message in encode_blob_chunks(
                 data,
-                blob_ref(data, self.chunk_size),
+                ref,
                 kind="update",
                 federation=self.federation,
                 sender=client,
                 round_id=round_id,
                 update_id=update_id,
+                signature=_sign(signer, self.federation, client, round_id, update_id, ref),
             )
         ]
 
@@ -366,3 +379,19 @@ class ScriptedClients(ScriptedConnection):
         )
         await self.upload(client, round_id, uid, data)
         return uid
+
+
+def _sign(
+    signer: SigningKey | None,
+    federation: str,
+    client: str,
+    round_id: int,
+    update_id: str,
+    ref: BlobRef,
+) -> bytes | None:
+    if signer is None:
+        return None
+    statement = update_statement(
+        federation, client, round_id, update_id, bytes.fromhex(ref.sha256), ref.size
+    )
+    return signer.sign(statement)

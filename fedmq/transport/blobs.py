@@ -120,8 +120,9 @@ async def publish_blob(
     *,
     sender: str,
     round_id: int,
+    indices: frozenset[int] | None = None,
 ) -> None:
-    """Publish a blob as retained chunks on ``…/blob/<sha256>/<i>``."""
+    """Publish a blob as retained chunks on ``…/blob/<sha256>/<i>`` (only ``indices``)."""
     await publish_chunks(
         session,
         data,
@@ -132,6 +133,7 @@ async def publish_blob(
         sender=sender,
         round_id=round_id,
         retain=True,
+        indices=set(indices) if indices is not None else None,
     )
 
 

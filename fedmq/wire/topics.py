@@ -135,6 +135,10 @@ class Topics:
         _check_index(index, "chunk index", MAX_CHUNK_INDEX)
         return f"{self.prefix}/blob/{sha256}/{index}"
 
+    def blobs_filter(self) -> str:
+        """Filter matching every chunk of every blob of the federation."""
+        return f"{self.prefix}/blob/+/+"
+
     def blob_filter(self, sha256: str) -> str:
         """Filter matching every chunk of blob ``sha256``."""
         return f"{self.prefix}/blob/{_check_sha(sha256)}/+"

@@ -39,6 +39,7 @@ from fedmq.transport.blobs import BlobReceiver
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill
 from fedmq.wire.control import AgentStatus, AggregatorStatus, RoundAnnouncement, encode_control
+from fedmq.wire.signing import SigningKey
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import decode_tensors, encode_tensors
 from fedmq.wire.topics import BlobChunkTopic, ParsedTopic, Topics
@@ -154,6 +155,7 @@ class ScriptedAgent(ScriptedConnection):
         *,
         heartbeat_s: float = 1.0,
         chunk_size: int = 4096,
+        signer: SigningKey | None = None,
     ) -> None:
         topics = Topics(federation)
         offline = AgentStatus(
@@ -173,6 +175,7 @@ class ScriptedAgent(ScriptedConnection):
         )
         self.client = client
         self.heartbeat_s = heartbeat_s
+        self.signer = signer  # signs this agent's updates (a registered device)
         self.receiver = BlobReceiver(self.session, self.topics)
         self._heartbeat: asyncio.Task[None] | None = None
 
@@ -231,9 +234,16 @@ class ScriptedAgent(ScriptedConnection):
         *,
         federation: str | None = None,
         sender: str | None = None,
+        signer: SigningKey | None = None,
     ) -> None:
         await self.upload(
-            self.client, round_id, update_id, data, federation=federation, sender=sender
+            self.client,
+            round_id,
+            update_id,
+            data,
+            federation=federation,
+            sender=sender,
+            signer=signer or self.signer,
         )
 
     def envelope(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from agent.conftest import digits_dir, make_settings
+
 from security.keys import Keys
 
 __all__ = ["digits_dir", "keys", "make_settings"]

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-
 from agent.helpers import eventually, running_agent
 from agent.scripted import ScriptedAggregator
+
 from edge_agent.config import AgentSettings
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.wire.control import Ack, RoundAnnouncement, encode_control
@@ -118,7 +118,8 @@ async def test_unsigned_forged_and_replayed_control_change_nothing(
             await aggregator.send_ack(ack, hostile)
             await eventually(refused(5), what="the ack by another key refused")
             stats = agent.statistics()
-            assert stats.updates_dropped == 0 and stats.updates_acked == 0
+            assert stats.updates_dropped == 0
+            assert stats.updates_acked == 0
             assert agent.status.state != "idle" or stats.updates_committed == 1
             # 5. the real aggregator moves on; then round 1's signed announcement is replayed
             round2 = await aggregator.announce(2, bundle, params)
