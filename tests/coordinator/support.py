@@ -39,6 +39,7 @@ from fedmq.testing.scripted_clients import update_envelope
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.chunks import encode_blob_chunks
 from fedmq.wire.control import Ack, AgentStatus, RoundAnnouncement, decode_control
+from fedmq.wire.signing import SigningKey, update_statement
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import AckTopic, RoundTopic, Topics, UpdateChunkTopic
@@ -105,8 +106,15 @@ def chunks(
     chunk_size: int = 1024,
     federation: str = FEDERATION,
     sender: str | None = None,
+    signer: SigningKey | None = None,
 ) -> list[tuple[UpdateChunkTopic, bytes]]:
     ref = blob_ref(data, chunk_size)
+    signature = None
+    if signer is not None:
+        statement = update_statement(
+            federation, client, round_id, update_id, bytes.fromhex(ref.sha256), ref.size
+        )
+        signature = signer.sign(statement)
     return [
         (UpdateChunkTopic(client, round_id, index), message)
         for index, message in encode_blob_chunks(
@@ -117,6 +125,7 @@ def chunks(
             sender=sender or client,
             round_id=round_id,
             update_id=update_id,
+            signature=signature,
         )
     ]
 
