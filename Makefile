@@ -11,7 +11,7 @@ DEMO_EXTRAS ?= simulate
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO_OUT ?= reports/demo
 
-.PHONY: test lint typecheck pytest demo bench clean-venv mosquitto
+.PHONY: test lint typecheck pytest demo bench clean-venv mosquitto test-tools
 
 test: lint typecheck pytest
 
@@ -22,7 +22,7 @@ lint: $(VENV)/.installed-$(TEST_EXTRAS)
 typecheck: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/mypy
 
-pytest: $(VENV)/.installed-$(TEST_EXTRAS) mosquitto
+pytest: $(VENV)/.installed-$(TEST_EXTRAS) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 # A 10-agent federation on scikit-learn's digits, label-skewed across agents.  Without
@@ -49,6 +49,15 @@ $(VENV)/.installed-%: pyproject.toml
 mosquitto:
 	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null \
 		|| { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
+
+# What the tests run besides Python: Mosquitto, and systemd-analyze (Debian's systemd
+# package), which tests/deploy/ uses to verify the units in deploy/ offline (no systemd
+# needs to run: it works in containers).
+test-tools:
+	@missing=""; \
+	{ [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null; } || missing="$$missing mosquitto"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -z "$$missing" ] || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; }
 
 clean-venv:
 	rm -rf $(VENV)

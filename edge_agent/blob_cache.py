@@ -9,16 +9,26 @@ One file per chunk makes resuming trivial and crash-safe: a chunk file is rename
 place only once written, so after a restart every present file is a whole chunk (its
 length is checked again), and the final sha256 check catches anything else.  Chunk files
 are not fsync'd: a chunk lost to a power cut costs a re-download, not correctness.
+
+**A full disk fails the download at once**, never at its timeout: before a download
+starts, the free space (``os.statvfs``) must hold the missing chunks, the assembled
+blob (written while the chunks still exist) and the reserve ``limits.min_free_mb``
+leaves to the rest of the device; a write that still hits ``ENOSPC``/``EDQUOT`` raises
+the same :class:`DiskFullError`, which the blob receiver turns into a failed fetch and
+the round runner into a failed round ("disk full in …: need N MB, M MB free") that is
+retried later.  Every file-system call the cache makes goes through one
+:class:`CacheDisk`, so a test can make the disk full without root.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
 
 from fedmq.buffers import Buffer
-from fedmq.durable_files import TMP_SUFFIX, remove_tree, write_file
+from fedmq.durable_files import TMP_SUFFIX, remove_tree, temp_path, write_file
 from fedmq.errors import IntegrityError, LimitExceededError
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
@@ -27,6 +37,48 @@ log = logging.getLogger(__name__)
 
 _BLOBS = "blobs"
 _PARTIAL = "partial"
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _mb(size: int) -> str:
+    return f"{size / 2**20:.1f} MB"
+
+
+class DiskFullError(OSError):
+    """The cache's file system has no room for a download (or would dip into the reserve).
+
+    An ``OSError`` with ``errno.ENOSPC``, so whatever handles a failed write handles it;
+    its text names the directory, what was needed and what was free.
+    """
+
+    def __init__(self, directory: Path, need: int, free: int | None, reserve: int = 0) -> None:
+        wanted = _mb(need) + (f" (+{_mb(reserve)} reserve, limits.min_free_mb)" if reserve else "")
+        available = "unknown" if free is None else _mb(free)
+        message = f"disk full in {directory}: need {wanted}, {available} free"
+        super().__init__(errno.ENOSPC, message)
+        self.directory = directory
+        self.need = need
+        self.free = free
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class CacheDisk:
+    """The file-system calls of the blob cache: writes and free space, in one place."""
+
+    def write(self, path: Path, data: Buffer) -> None:
+        """Write ``path`` atomically (not fsync'd: cached data is verified on read)."""
+        try:
+            write_file(path, data, durable=False)
+        except OSError:
+            temp_path(path).unlink(missing_ok=True)  # a partial temporary, e.g. on ENOSPC
+            raise
+
+    def free_bytes(self, directory: Path) -> int:
+        """Bytes an unprivileged process may still write under ``directory``."""
+        stat = os.statvfs(directory)
+        return stat.f_bavail * stat.f_frsize
 
 
 class DiskChunkStore:
@@ -56,6 +108,8 @@ class DiskChunkStore:
                 len(self._have),
                 ref.count,
             )
+        # The chunks still to come, then the assembled blob beside them (finish()).
+        cache.check_room(self._missing_bytes() + ref.size)
 
     @property
     def ref(self) -> BlobRef:
@@ -76,16 +130,21 @@ class DiskChunkStore:
         """Indices of chunks not on disk yet, ascending."""
         return [index for index in range(self._ref.count) if index not in self._have]
 
+    def _missing_bytes(self) -> int:
+        return sum(self._ref.chunk_length(index) for index in self.missing())
+
     def add(self, index: int, payload: Buffer) -> bool:
         """Write chunk ``index``; return False for a duplicate.
 
         Raises:
             MalformedMessageError: index out of range or wrong payload length.
+            DiskFullError: no room for the chunk.
+            OSError: the write failed otherwise.
         """
         view = self._ref.check_chunk(index, payload)
         if index in self._have:
             return False
-        write_file(self._dir / str(index), view, durable=False)
+        self._cache.write(self._dir / str(index), view, self._missing_bytes() + self._ref.size)
         self._have.add(index)
         return True
 
@@ -96,6 +155,7 @@ class DiskChunkStore:
             MalformedMessageError: chunks are missing.
             IntegrityError: the bytes do not hash to the blob's sha256; every chunk file
                 is deleted so the blob is fetched again from scratch.
+            DiskFullError: no room for the assembled blob (the chunks stay for a retry).
         """
         ref = self._ref
         ref.check_complete(len(self._have))
@@ -137,11 +197,22 @@ class BlobCache:
         root: the cache directory (created if needed).
         max_bytes: complete blobs beyond this total are evicted, oldest first, except
             the ones a caller asks to keep.
+        reserve_bytes: free space a download must leave on the file system.
+        disk: the file-system calls (tests pass a disk that fills up).
     """
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        *,
+        reserve_bytes: int = 0,
+        disk: CacheDisk | None = None,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
+        self.reserve_bytes = reserve_bytes
+        self.disk = CacheDisk() if disk is None else disk
         (root / _BLOBS).mkdir(parents=True, exist_ok=True)
         (root / _PARTIAL).mkdir(parents=True, exist_ok=True)
         self.corrupt_reads = 0
@@ -191,8 +262,41 @@ class BlobCache:
         path.unlink(missing_ok=True)
 
     def put_verified(self, ref: BlobRef, data: Buffer) -> None:
-        """Store a blob whose sha256 the caller has checked."""
-        write_file(self.blob_path(ref.sha256), data, durable=False)
+        """Store a blob whose sha256 the caller has checked.
+
+        Raises:
+            DiskFullError: no room for it.
+        """
+        self.write(self.blob_path(ref.sha256), data, ref.size)
+
+    def check_room(self, need: int) -> None:
+        """Fail now if ``need`` more bytes would not fit beside the reserve.
+
+        Raises:
+            DiskFullError: naming the directory, the bytes needed and the bytes free.
+        """
+        free = self.disk.free_bytes(self.root)
+        if free - self.reserve_bytes < need:
+            raise DiskFullError(self.root, need, free, self.reserve_bytes)
+
+    def write(self, path: Path, data: Buffer, need: int) -> None:
+        """Write a cache file; a full disk becomes :class:`DiskFullError`.
+
+        Args:
+            path: the file.
+            data: its content.
+            need: bytes the download still has to write (for the error message).
+        """
+        try:
+            self.disk.write(path, data)
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL or isinstance(exc, DiskFullError):
+                raise
+            try:
+                free: int | None = self.disk.free_bytes(self.root)
+            except OSError:
+                free = None
+            raise DiskFullError(self.root, need, free) from exc
 
     def store_factory(self, ref: BlobRef, limits: DecodeLimits) -> DiskChunkStore:
         """A :class:`DiskChunkStore` for ``ref`` (pass as ``BlobReceiver(store_factory=…)``)."""

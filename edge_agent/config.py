@@ -34,6 +34,9 @@ DEFAULT_MAX_TRAIN_SECONDS = 3600.0  # seconds: a round that trains longer is aba
 # half and all of it, so a plant of devices does not retry in lockstep); doubles up to 10 min
 DEFAULT_ROUND_RETRY = 10.0
 DEFAULT_ACK_TIMEOUT = 60.0  # seconds: re-send an unacknowledged update after this long
+# MiB a download must leave free on the state directory's file system: room for the
+# outbox, the residual and the logs of the plant software sharing the disk.
+DEFAULT_MIN_FREE_MB = 32
 DEFAULT_OUTBOX_MAX_AGE = 24 * 3600.0  # seconds: the broker's session expiry; older is moot
 MAX_THREADS = 256
 
@@ -94,6 +97,9 @@ class LimitsConfig(_Section):
     max_train_seconds: float = Field(DEFAULT_MAX_TRAIN_SECONDS, gt=0)
     round_retry_s: float = Field(
         DEFAULT_ROUND_RETRY, gt=0, description="first retry delay (ceiling; jittered)"
+    )
+    min_free_mb: int = Field(
+        DEFAULT_MIN_FREE_MB, ge=0, description="free space a download must leave (MiB)"
     )
 
     def decode_limits(self) -> DecodeLimits:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.blob_cache import BlobCache
+from edge_agent.blob_cache import BlobCache, CacheDisk
 from edge_agent.config import AgentSettings
 from edge_agent.context import AgentContext, Counters
 from edge_agent.decisions import Finished
@@ -108,6 +108,7 @@ class Agent:
         train_runner: runs a round's blocking work off the event loop (default: a new
             daemon thread per round, :func:`run_in_thread`).  ``fedmq simulate`` passes
             a bounded pool shared by hundreds of in-process agents.
+        cache_disk: the blob cache's file-system calls (tests pass a disk that fills up).
 
     Raises:
         ConfigError: (from :meth:`run`) the state directory is unusable or locked.
@@ -120,6 +121,7 @@ class Agent:
         notifier: Notifier | None = None,
         clock: Callable[[], float] = time.time,
         train_runner: TrainRunner = run_in_thread,
+        cache_disk: CacheDisk | None = None,
     ) -> None:
         self.settings = settings
         self.client = settings.client_id
@@ -128,6 +130,7 @@ class Agent:
         self.status = StatusBoard(self.client, settings.heartbeat_s)
         self._clock = clock
         self._train_runner = train_runner
+        self._cache_disk = cache_disk
         self._counters = Counters()
         self._stop = asyncio.Event()
         self._stopping = False
@@ -245,7 +248,12 @@ class Agent:
             )
         else:
             log.info("pinned aggregator key(s) %s", ", ".join(trusted.ids))
-        cache = BlobCache(state_dir.cache_dir, settings.limits.cache_max_mb * 1024**2)
+        cache = BlobCache(
+            state_dir.cache_dir,
+            settings.limits.cache_max_mb * 1024**2,
+            reserve_bytes=settings.limits.min_free_mb * 1024**2,
+            disk=self._cache_disk,
+        )
         will = LastWill(
             self.topics.status(self.client),
             encode_control(self.status.snapshot(self._clock(), "offline")),

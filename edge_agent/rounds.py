@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 
+from edge_agent.blob_cache import DiskFullError
 from edge_agent.context import AgentContext
 from edge_agent.decisions import Finished, RoundDecision, Skip, Train, decide_round
 from edge_agent.training import (
@@ -195,6 +196,9 @@ class RoundRunner:
             return
         except ROUND_FAILURES as exc:
             self._failed(announcement, str(exc))
+            return
+        except DiskFullError as exc:
+            self._failed(announcement, str(exc))  # names the directory and the sizes
             return
         except DEVICE_FAILURES as exc:
             self._failed(announcement, f"{type(exc).__name__}: {exc}")

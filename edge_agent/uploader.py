@@ -27,7 +27,8 @@ from edge_agent.decisions import IgnoreAck, SendRecord, decide_ack, outbox_actio
 from edge_agent.outbox import OutboxEntry
 from fedmq.errors import TransportError
 from fedmq.timeouts import wait_event
-from fedmq.transport.blobs import publish_chunks
+from fedmq.transport.blobs import fit_chunk_size, publish_chunks
+from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import Ack
 from fedmq.wire.signing import update_statement
 
@@ -146,7 +147,9 @@ class Uploader:
         except FileNotFoundError:
             return  # acked (and deleted) meanwhile
         connection = session.connections
-        ref = entry.ref
+        # The announced chunk size may not fit this device's view of the broker's cap.
+        fitted = fit_chunk_size(entry.ref.chunk_size, session.max_packet_size, context.topics)
+        ref = BlobRef(entry.ref.sha256, entry.ref.size, fitted)
         context.uploading = True
         if context.status.state in ("idle", "online", "uploading"):
             context.status.set("uploading", entry.round, 0.0)

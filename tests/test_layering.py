@@ -67,6 +67,7 @@ HELPERS = (
     "timeouts",
     "durable_files",
     "config_file",
+    "systemd",
 )
 # Server and operator layers below the commands; none of them is ever on a device.
 SERVER_LAYERS = (
@@ -87,6 +88,7 @@ LAYERS: dict[str, Layer] = {
     "fedmq.timeouts": layer(asyncio=True),
     "fedmq.durable_files": layer(["buffers"]),
     "fedmq.config_file": layer(["errors"]),
+    "fedmq.systemd": layer(),
     "fedmq.wire": layer(["errors", "buffers"], ["msgpack", "zstandard", "nacl"]),
     "fedmq.bundle": layer(["errors", "buffers", "wire"]),
     "fedmq.runtime": layer(["errors", "buffers", "wire", "bundle"], ["onnxruntime"]),

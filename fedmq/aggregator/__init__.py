@@ -1,8 +1,10 @@
 """The aggregator service (``fedmq serve``): the IO shell around :mod:`fedmq.coordinator`.
 
 - :mod:`~fedmq.aggregator.config`: ``federation.toml`` + ``FEDMQ_*`` environment.
-- :mod:`~fedmq.aggregator.store`: the crash-safe state directory.
-- :mod:`~fedmq.aggregator.service`: MQTT session, action execution, shutdown.
+- :mod:`~fedmq.aggregator.store`: the crash-safe state directory, whose checkpoints
+  :mod:`~fedmq.aggregator.retention` prunes.
+- :mod:`~fedmq.aggregator.service`: MQTT session, action execution, shutdown;
+  :mod:`~fedmq.aggregator.supervision`: its systemd notifications.
 - :mod:`~fedmq.aggregator.export`: a round's model as an ONNX file.
 """
 

@@ -9,12 +9,13 @@ Relative paths in the file are relative to the file.  Every field is documented 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from fedmq.aggregator.devices import DeviceRegistry
+from fedmq.aggregator.retention import DEFAULT_KEEP_EVERY, DEFAULT_KEEP_LAST, CheckpointRetention
 from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
 from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
 from fedmq.coordinator.policy import (
@@ -30,16 +31,24 @@ from fedmq.coordinator.policy import (
     TargetMetric,
 )
 from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
+from fedmq.coordinator.screening import (
+    DEFAULT_MAX_EXAMPLES,
+    DEFAULT_MIN_HISTORY,
+    DEFAULT_NORM_FACTOR,
+    DEFAULT_NORM_WINDOW,
+    ScreeningPolicy,
+)
 from fedmq.coordinator.selection import SelectAll, SelectFraction, Selection, SelectList
 from fedmq.errors import ConfigError, LocalProtocolError
 from fedmq.strategies.config import StrategyConfig, build_strategy
+from fedmq.transport.blobs import check_chunk_fits, fit_chunk_size
 from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection, BrokerUrl
 from fedmq.transport.mqtt import BrokerSettings
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.wire.control import CodecText
 from fedmq.wire.ids import Identifier, TopicRoot
 from fedmq.wire.signing import read_signing_key
-from fedmq.wire.topics import DEFAULT_ROOT
+from fedmq.wire.topics import DEFAULT_ROOT, Topics
 from fedmq.wire.training import TrainingConfig
 
 DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
@@ -101,6 +110,19 @@ class TargetMetricSection(_Section):
     mode: Literal["max", "min"] = "max"
 
 
+class RetentionSection(_Section):
+    """``[retention]``: which per-round checkpoints the state directory keeps."""
+
+    keep_last: int = Field(DEFAULT_KEEP_LAST, ge=0, description="newest kept (0: rule off)")
+    keep_every: int = Field(
+        DEFAULT_KEEP_EVERY, ge=0, description="rounds divisible by this are kept (0: rule off)"
+    )
+
+    def policy(self) -> CheckpointRetention:
+        """The store's retention policy."""
+        return CheckpointRetention(self.keep_last, self.keep_every)
+
+
 class SecuritySection(_Section):
     """``[security]``: signed control messages and the device registry (see docs/deploy.md)."""
 
@@ -114,6 +136,30 @@ class SecuritySection(_Section):
         if not self.devices.is_dir():
             raise ValueError(f"devices {str(self.devices)!r} is not a directory")
         return self
+
+
+class ScreeningSection(_Section):
+    """``[screening]``: hostile-update defenses (see docs/aggregator.md)."""
+
+    max_examples: int = Field(
+        DEFAULT_MAX_EXAMPLES, ge=1, description="an update is weighted by at most this"
+    )
+    norm_mode: Literal["reject", "clip", "off"] = "reject"
+    norm_factor: float = Field(DEFAULT_NORM_FACTOR, gt=1, allow_inf_nan=False)
+    max_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
+    norm_window: int = Field(DEFAULT_NORM_WINDOW, ge=1)
+    min_history: int = Field(DEFAULT_MIN_HISTORY, ge=1)
+
+    def policy(self) -> ScreeningPolicy:
+        """The coordinator's screening policy."""
+        return ScreeningPolicy(
+            max_examples=self.max_examples,
+            norm_mode=self.norm_mode,
+            norm_factor=self.norm_factor,
+            max_norm=self.max_norm,
+            norm_window=self.norm_window,
+            min_history=self.min_history,
+        )
 
 
 class AggregatorSettings(EnvFirstSettings):
@@ -136,11 +182,15 @@ class AggregatorSettings(EnvFirstSettings):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     codec: CodecText = "raw"
     # Upper bound: a chunk message must fit DecodeLimits.max_message_bytes (4 MiB) with its header.
-    chunk_size: int = Field(DEFAULT_CHUNK_SIZE, ge=MIN_CHUNK_SIZE, le=2 * 1024 * 1024)
+    chunk_size: Annotated[int, Field(ge=MIN_CHUNK_SIZE, le=2 * 1024 * 1024)] | Literal["auto"] = (
+        Field("auto", description="bytes per chunk, or auto: the most that fits the broker")
+    )
     target_metric: TargetMetricSection | None = None
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     security: SecuritySection | None = Field(
         None, description="None: unsigned, for development brokers only"
     )
+    screening: ScreeningSection = Field(default_factory=ScreeningSection)
     agents: list[Identifier] | None = Field(None, description="allow list (None: any)")
     max_agents: int = Field(DEFAULT_MAX_AGENTS, ge=1, description="agents tracked at most")
     heartbeat_s: float = Field(DEFAULT_HEARTBEAT, gt=0)
@@ -160,6 +210,21 @@ class AggregatorSettings(EnvFirstSettings):
     def client_id(self) -> str:
         """Our MQTT client id: configured, or ``fedmq-aggregator-<federation>``."""
         return self.broker.client_id or f"fedmq-aggregator-{self.federation}"
+
+    def initial_chunk_size(self) -> int:
+        """The chunk size before the broker stated its packet cap (if it ever does).
+
+        ``auto``: 256 KiB, or the most that fits ``[broker] max_packet_size``.
+
+        Raises:
+            ConfigError: an explicit ``chunk_size`` does not fit ``[broker] max_packet_size``.
+        """
+        topics = Topics(self.federation, self.topic_root)
+        cap = self.broker.max_packet_size
+        if self.chunk_size == "auto":
+            return fit_chunk_size(DEFAULT_CHUNK_SIZE, cap, topics)
+        check_chunk_fits(self.chunk_size, cap, topics, "[broker] max_packet_size")
+        return self.chunk_size
 
     def broker_settings(self) -> BrokerSettings:
         """Settings of the MQTT session."""
@@ -203,7 +268,7 @@ class AggregatorSettings(EnvFirstSettings):
             ),
             training=self.training,
             codec=self.codec,
-            chunk_size=self.chunk_size,
+            chunk_size=self.initial_chunk_size(),
             target_metric=(
                 TargetMetric(target.name, target.value, target.mode) if target else None
             ),
@@ -218,6 +283,7 @@ class AggregatorSettings(EnvFirstSettings):
             dedupe_rounds=self.dedupe_rounds,
             max_agents=self.max_agents,
             security=security,
+            screening=self.screening.policy(),
         )
 
 

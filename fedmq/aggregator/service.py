@@ -35,11 +35,13 @@ from typing import Any
 
 from fedmq.aggregator.config import AggregatorSettings
 from fedmq.aggregator.devices import REFRESH_INTERVAL, DeviceRegistry
+from fedmq.aggregator.log_limiter import LogLimiter
 from fedmq.aggregator.memory import trim_heap
 from fedmq.aggregator.outbound import Outbound
 from fedmq.aggregator.recovery import load_coordinator
 from fedmq.aggregator.statistics import AggregatorStatistics
 from fedmq.aggregator.store import StateStore
+from fedmq.aggregator.supervision import notify_systemd
 from fedmq.bundle import Bundle
 from fedmq.coordinator.actions import (
     Action,
@@ -65,14 +67,17 @@ from fedmq.coordinator.validation import (
     UpdateSchema,
     verify_assembled,
 )
-from fedmq.errors import DecodeError, InvalidTopicError, StateError, TransportError
+from fedmq.errors import ConfigError, DecodeError, InvalidTopicError, StateError, TransportError
 from fedmq.strategies.config import build_strategy
+from fedmq.systemd import Notifier
 from fedmq.timeouts import wait_event, within
+from fedmq.transport.blobs import check_chunk_fits, fit_chunk_size
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.archive import pack_files
+from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
 from fedmq.wire.control import AgentStatus, AggregatorStatus, decode_control, encode_control
-from fedmq.wire.topics import StatusTopic, UpdateChunkTopic
+from fedmq.wire.topics import BlobChunkTopic, StatusTopic, UpdateChunkTopic
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +101,8 @@ class AggregatorService:
         self.settings = settings
         self.clock = clock
         self._counters: Counter[str] = Counter()
+        self._rejections = LogLimiter(log)
+        self._fatal: ConfigError | None = None  # a setting the broker cannot honour
         self.finished = False
         self._stop = asyncio.Event()
         self._started = asyncio.Event()
@@ -177,7 +184,7 @@ class AggregatorService:
         schema = UpdateSchema.from_manifest(settings.federation, bundle.manifest)
         config = settings.coordinator_config()
         strategy = build_strategy(settings.strategy)
-        store = StateStore(settings.state_dir)
+        store = StateStore(settings.state_dir, settings.retention.policy())
         try:
             self._coordinator, self._replayed = load_coordinator(
                 store, config, strategy, schema, archive, bundle.initial_parameters, self.clock()
@@ -205,7 +212,11 @@ class AggregatorService:
         )
         session = MqttSession(
             self.settings.broker_settings(),
-            subscriptions=[(topics.status_filter(), 1), (topics.update_filter(), 1)],
+            subscriptions=[
+                (topics.status_filter(), 1),
+                (topics.update_filter(), 1),
+                (topics.blobs_filter(), 1),  # to repair retained chunks (BlobGuard)
+            ],
             will=LastWill(
                 topics.aggregator_status(), encode_control(offline, coordinator.config.signer)
             ),
@@ -234,6 +245,8 @@ class AggregatorService:
             self.store.close()
         if self._broken is not None:
             raise StateError(f"stopped after a state directory failure: {self._broken}")
+        if self._fatal is not None:
+            raise self._fatal
 
     def _spawn(self, group: asyncio.TaskGroup, coro: Any, name: str) -> None:
         task = group.create_task(coro, name=f"fedmq[{self.settings.client_id}].{name}")
@@ -258,10 +271,29 @@ class AggregatorService:
             except TransportError as exc:
                 log.warning("%s; still trying", exc)
         async with self._lock:
+            if not await self._fit_chunks(session):
+                return
             actions = [*self._replayed, *self.coordinator.start(self.clock())]
             self._replayed = []
             await self._apply(actions)
         self._started.set()
+
+    async def _fit_chunks(self, session: MqttSession) -> bool:
+        """Chunk to fit the broker's packet cap; False (and stopping) if the config cannot."""
+        cap, topics = session.max_packet_size, self.coordinator.topics
+        try:
+            if self.settings.chunk_size != "auto":
+                check_chunk_fits(self.settings.chunk_size, cap, topics, "stated by the broker")
+                return True
+            size = fit_chunk_size(DEFAULT_CHUNK_SIZE, cap, topics)
+        except ConfigError as exc:
+            log.critical("%s; stopping", exc)
+            self._fatal = exc
+            self._stop.set()
+            return False
+        now, started = self.clock(), self._started.is_set()
+        await self._apply(self.coordinator.set_chunk_size(size, now, announce=started))
+        return True
 
     async def _shutdown(self) -> None:
         grace = self.settings.shutdown_grace_s
@@ -293,6 +325,8 @@ class AggregatorService:
 
     async def _on_connect(self, session: MqttSession) -> None:
         if session.connections > 1 and self._started.is_set():
+            async with self._lock:  # the broker may have come back with another cap
+                await self._fit_chunks(session)
             # The broker may have lost retained blobs and announcements (no persistence).
             self._background(self._republish(), "republish")
 
@@ -316,6 +350,9 @@ class AggregatorService:
                 return
             async with self._lock:
                 await self._apply(coordinator.receive_chunk(parsed, payload, self.clock()))
+        elif isinstance(parsed, BlobChunkTopic):
+            async with self._lock:
+                await self._apply(coordinator.on_blob_chunk(parsed, payload, self.clock()))
         elif isinstance(parsed, StatusTopic):
             status: AgentStatus | None = None
             if payload:
@@ -373,7 +410,9 @@ class AggregatorService:
                 self._status_event.set()
             case UpdateRejected():
                 self._counters[f"rejected.{action.reason}"] += 1
-                log.warning(
+                self._rejections.log(
+                    action.reason,
+                    logging.WARNING,
                     "rejected %s from %s (round %d): %s",
                     f"update {action.update_id}" if action.update_id else "a chunk",
                     action.client,
@@ -495,8 +534,13 @@ class AggregatorService:
         self._out().put(Publish(topic, payload, retain=True))
 
 
-async def serve(settings: AggregatorSettings) -> AggregatorService:
+async def serve(
+    settings: AggregatorSettings, *, notifier: Notifier | None = None
+) -> AggregatorService:
     """Run the aggregator until SIGTERM/SIGINT or the last round; return the service.
+
+    Under systemd (``Type=notify``) it sends READY=1, WATCHDOG=1 and STOPPING=1
+    (:mod:`~fedmq.aggregator.supervision`); ``notifier`` defaults to the environment's.
 
     Raises:
         BundleError, ConfigError: configuration problems (before anything is served).
@@ -504,12 +548,26 @@ async def serve(settings: AggregatorSettings) -> AggregatorService:
     """
     service = AggregatorService(settings)
     service.prepare()
+    notifier = Notifier() if notifier is None else notifier
     loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        notifier.stopping("stopping")
+        service.request_stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, service.request_stop)
+        loop.add_signal_handler(signum, stop)
+    supervisor = asyncio.create_task(
+        notify_systemd(service, notifier), name=f"fedmq[{settings.client_id}].systemd"
+    )
     try:
         await service.run()
     finally:
+        supervisor.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await supervisor
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+    if service.finished:
+        notifier.stopping("federation finished")
     return service

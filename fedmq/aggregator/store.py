@@ -6,7 +6,8 @@
       LOCK                                   flock'd while a service owns the directory
       state.json                             coordinator snapshot (the commit point)
       checkpoints/<round>.params             global model after <round> (0: initial)
-      checkpoints/<round>.optimizer          server optimizer state with it
+      checkpoints/<round>.optimizer          server optimizer state with it (both pruned
+                                             by the [retention] policy)
       rounds/<round>/updates/<seq>@<client>@<update id>.update
                                              accepted update envelopes, as received
       rounds/<round>/record.json             how the round went (metrics, contributors)
@@ -15,6 +16,12 @@ Every file is written through :mod:`fedmq.durable_files` (a temporary name in it
 directory, fsync'd, renamed over its final name, the directory fsync'd): after a crash a
 file is either complete or absent.  Updates are written in batches that share their
 fsyncs (:func:`~fedmq.durable_files.write_files`) because those dominate ingest time.
+
+Checkpoints follow a retention policy (:mod:`~fedmq.aggregator.retention`): after each
+checkpoint write, and after each snapshot that commits a newer checkpoint, the ones the
+policy no longer keeps are deleted.  The checkpoint the committed snapshot names is
+never among them, nor the one just written: a crash at any point restarts from a
+checkpoint that exists.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedmq.aggregator.retention import CheckpointRetention
 from fedmq.buffers import Buffer
 from fedmq.coordinator.actions import Ticket
 from fedmq.coordinator.records import RoundRecord
@@ -87,13 +95,17 @@ class StateStore:
 
     Args:
         root: the state directory (created if missing).
+        retention: which checkpoints to keep (default: the ``[retention]`` defaults).
 
     Raises:
         StateError: the directory cannot be created, or another process holds it.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, retention: CheckpointRetention | None = None) -> None:
         self.root = root
+        self.retention = CheckpointRetention() if retention is None else retention
+        # The checkpoint the snapshot on disk names: what a restart would load.
+        self._committed: int | None = None
         try:
             self._lock_fd = lock_directory(root)
         except BlockingIOError:
@@ -151,18 +163,52 @@ class StateStore:
             raise StateError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise StateError(f"{path} does not hold a JSON object")
+        self._committed = _checkpoint_of(data)
         return data
 
     def save_snapshot(self, snapshot: dict[str, Any]) -> None:
-        """Atomically replace the snapshot."""
+        """Atomically replace the snapshot (then prune checkpoints it made unneeded)."""
         atomic_write(self.root / STATE_FILE, json.dumps(snapshot, sort_keys=True).encode())
+        committed = _checkpoint_of(snapshot)
+        if committed != self._committed:
+            self._committed = committed
+            self.prune_checkpoints()
 
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, round_id: int, params: bytes, optimizer: bytes) -> None:
-        """Store the global model after ``round_id`` and the optimizer state with it."""
+        """Store the global model after ``round_id`` and the optimizer state with it.
+
+        Then prune the checkpoints the retention policy no longer keeps.
+        """
         atomic_write(self.checkpoint_path(round_id, "optimizer"), optimizer)
         atomic_write(self.checkpoint_path(round_id, "params"), params)
+        self.prune_checkpoints(round_id)
+
+    def prune_checkpoints(self, written: int | None = None) -> list[int]:
+        """Delete the checkpoints the retention policy does not keep; return their rounds.
+
+        Never deletes the checkpoint the committed snapshot names, nor ``written`` (the
+        one just stored, which the next snapshot will name).
+        """
+        if self.retention.keeps_everything:
+            return []
+        protect = {r for r in (self._committed, written) if r is not None}
+        pruned = self.retention.prunable(self.checkpoints(), protect)
+        for round_id in pruned:
+            # params first: checkpoint_rounds() lists .params files, so a crash between
+            # the two unlinks leaves an orphaned .optimizer, never a half checkpoint.
+            self.checkpoint_path(round_id, "params").unlink(missing_ok=True)
+            self.checkpoint_path(round_id, "optimizer").unlink(missing_ok=True)
+        for orphan in (self.root / "checkpoints").glob("*.optimizer"):
+            stem = orphan.stem
+            if (
+                stem.isdigit()
+                and int(stem) not in protect
+                and not orphan.with_suffix(".params").exists()
+            ):
+                orphan.unlink(missing_ok=True)  # what such a crash left behind
+        return pruned
 
     def load_checkpoint(self, round_id: int) -> tuple[bytes, bytes]:
         """``(params, optimizer)`` blobs of a checkpoint.
@@ -234,6 +280,11 @@ class StateStore:
     def records(self) -> Iterator[RoundRecord]:
         """Every stored round record, in round order."""
         yield from read_records(self.root)
+
+
+def _checkpoint_of(snapshot: dict[str, Any]) -> int | None:
+    checkpoint = snapshot.get("checkpoint")
+    return checkpoint if isinstance(checkpoint, int) else None
 
 
 def read_records(state_dir: Path) -> Iterator[RoundRecord]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from fedmq.cli.clear_cmd import clear_command
 from fedmq.cli.compile_cmd import compile_command
 from fedmq.cli.new_cmd import new_command
+from fedmq.cli.pki_cmd import pki_app
 from fedmq.cli.serve_cmd import export_command, serve_command
 from fedmq.cli.simulate_cmd import simulate_command
 
@@ -23,6 +25,8 @@ app.command("serve")(serve_command)
 app.command("export")(export_command)
 app.command("simulate")(simulate_command)
 app.command("new")(new_command)
+app.command("clear")(clear_command)
+app.add_typer(pki_app, name="pki")
 
 
 @app.callback()

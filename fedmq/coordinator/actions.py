@@ -82,7 +82,7 @@ class Ticket:
         seq: acceptance sequence number (persist and replay in this order).
         fold_round: the round whose aggregate the update joins.
         update: the verified update.
-        weight: FedAvg weight (examples x staleness discount).
+        weight: FedAvg weight (counted examples x staleness discount).
         staleness: rounds between the update's base model and ``fold_round``.
     """
 

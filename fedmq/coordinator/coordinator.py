@@ -54,6 +54,7 @@ from fedmq.coordinator.policy import CoordinatorConfig
 from fedmq.coordinator.roster import Roster
 from fedmq.coordinator.round_flow import RoundFlow
 from fedmq.coordinator.rules import rules_for
+from fedmq.coordinator.screening import training_fingerprint
 from fedmq.coordinator.snapshot import Snapshot
 from fedmq.coordinator.state import FederationState, Params
 from fedmq.coordinator.update_desk import UpdateDesk
@@ -186,6 +187,8 @@ class Coordinator:
         self = cls(config, strategy, schema, bundle, params, now=now)
         snap.check_belongs(config.federation, self.bundle_ref, config.mode)
         self.state.load(snap)
+        if snap.norms_training != training_fingerprint(config.training):
+            self.state.norms = []  # norms under another [training] table are no reference
         try:
             strategy.load_state_dict(
                 {name: np.asarray(value, np.float32) for name, value in optimizer_state.items()}
@@ -348,6 +351,22 @@ class Coordinator:
             ]
         return self._end_input(self.flow.apply_rules(now), now)
 
+    def set_chunk_size(self, chunk_size: int, now: float, *, announce: bool) -> list[Action]:
+        """Chunk blobs and uploads by ``chunk_size`` from now on (the broker's packet cap).
+
+        With ``announce`` (the round was started already) the blobs and the announcement
+        are published again at once; otherwise :meth:`start` publishes them.
+        """
+        if chunk_size == self.state.blobs.chunk_size:
+            return []
+        self.state.blobs.rechunk(chunk_size)
+        actions: list[Action] = [
+            Noted("info", f"chunk size is now {chunk_size} bytes, to fit the broker's packets")
+        ]
+        if announce:
+            actions.extend(self.flow.announce(now))
+        return self._end_input(actions, now)
+
     def on_blob_chunk(self, topic: BlobChunkTopic, payload: Buffer, now: float) -> list[Action]:
         """A retained blob chunk was (re)published: repair it if it is not ours."""
         repair = self.blob_guard.check(
@@ -395,9 +414,12 @@ class Coordinator:
             return [Noted("info", f"update {key.update_id} of {key.client}: {decision.why}")]
         if isinstance(decision, Verdict):
             return self._end_input(self.desk.answer(result.key, decision, now), now)
+        outlier = self.desk.screened(result)  # the norm screen (fedmq.coordinator.screening)
+        if outlier is not None:
+            return self._end_input(self.desk.answer(result.key, outlier, now), now)
         ticket = self.desk.reserve(result, decision.staleness)
         self.state.round.reserved[(result.key.client, result.key.update_id)] = ticket
-        return self._end_input([PersistUpdate(ticket)], now)
+        return self._end_input([*self.desk.notes(ticket), PersistUpdate(ticket)], now)
 
     def persisted(self, ticket: Ticket, now: float) -> list[Action]:
         """The ticket's update is durable: fold it, ack it, maybe close the round."""

@@ -3,6 +3,12 @@
 A blob is recorded here (and so in the snapshot) *before* it is published, and forgotten
 only when its chunks are cleared, so a crash between the two never orphans retained
 chunks: the next start clears whatever the ledger lists but no longer references.
+
+Once the federation has finished, the ledger is retired (:meth:`~BlobLedger.retire`): the final
+announcement (``finished``) still names the last bundle and parameters, but no agent
+will download them again, so nothing is referenced any more and every retained blob,
+the bundle included, is cleared.  The small retained announcement stays, so a late
+agent still learns that the federation is over.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ class BlobLedger:
     """The bundle archive, the current parameter blob, and every blob still retained.
 
     Args:
-        bundle: the bundle archive (published once, never cleared).
+        bundle: the bundle archive (published once, cleared when the federation finished).
         params: the current global parameters as a tensor-set blob.
         chunk_size: bytes per chunk of both.
     """
@@ -43,6 +49,11 @@ class BlobLedger:
         self.params_ref = blob_ref(params, chunk_size)
         self._retained: dict[str, BlobRef] = {self.bundle_ref.sha256: self.bundle_ref}
         self._published: set[str] = set()
+        self.retired = False  # the federation finished: no blob is needed any more
+
+    def retire(self) -> None:
+        """The federation finished: reference nothing, so :meth:`clear_stale` clears all."""
+        self.retired = True
 
     @property
     def params_blob(self) -> bytes:
@@ -55,12 +66,24 @@ class BlobLedger:
         self.params_ref = blob_ref(params, self.chunk_size)
         return self.params_ref
 
+    def rechunk(self, chunk_size: int) -> None:
+        """Chunk the bundle and parameters anew (to fit the broker's packet cap).
+
+        The next :meth:`publish` clears the chunks of the old layout first.
+        """
+        self.chunk_size = chunk_size
+        self.bundle_ref = BlobRef(self.bundle_ref.sha256, self.bundle_ref.size, chunk_size)
+        self.params_ref = BlobRef(self.params_ref.sha256, self.params_ref.size, chunk_size)
+        self._published.clear()
+
     def referenced(self) -> list[BlobRef]:
-        """Blobs the current announcement names."""
+        """Blobs agents may still download (none once retired)."""
+        if self.retired:
+            return []
         return [self.bundle_ref, self.params_ref]
 
     def data(self, ref: BlobRef) -> bytes:
-        """Bytes of a referenced blob.
+        """Bytes of the bundle or the current parameters (held even once retired).
 
         Raises:
             StateError: ``ref`` is not a blob this ledger holds.
@@ -76,11 +99,19 @@ class BlobLedger:
         for ref in self.referenced():
             self._retained.setdefault(ref.sha256, ref)
 
-    def publish(self, round_id: int, *, again: bool = False) -> list[PublishBlob]:
-        """Publish the referenced blobs not yet published (every one when ``again``)."""
-        actions = []
+    def publish(self, round_id: int, *, again: bool = False) -> list[PublishBlob | ClearBlob]:
+        """Publish the referenced blobs not yet published (every one when ``again``).
+
+        A blob retained under another chunk size (a restart with a new ``chunk_size``, or
+        :meth:`rechunk`) has its old chunks cleared first, so none is left behind.
+        """
+        actions: list[PublishBlob | ClearBlob] = []
         for ref in self.referenced():
             if again or ref.sha256 not in self._published:
+                old = self._retained.get(ref.sha256)
+                if old is not None and old != ref:
+                    actions.append(ClearBlob(old))
+                self._retained[ref.sha256] = ref
                 self._published.add(ref.sha256)
                 actions.append(PublishBlob(ref, self.data(ref), round_id))
         return actions
@@ -99,6 +130,7 @@ class BlobLedger:
         return list(self._retained.values())
 
     def load_retained(self, refs: Iterable[BlobRef]) -> None:
-        """Restore :meth:`retained`."""
+        """Restore :meth:`retained` (call :meth:`retire` first for a finished federation)."""
         self._retained = {ref.sha256: ref for ref in refs}
-        self._retained.setdefault(self.bundle_ref.sha256, self.bundle_ref)
+        if not self.retired:
+            self._retained.setdefault(self.bundle_ref.sha256, self.bundle_ref)

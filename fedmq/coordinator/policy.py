@@ -12,6 +12,7 @@ from typing import Literal
 
 from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
 from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
+from fedmq.coordinator.screening import ScreeningPolicy
 from fedmq.coordinator.selection import SelectAll, Selection
 from fedmq.errors import ConfigError
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
@@ -180,6 +181,7 @@ class CoordinatorConfig:
         dedupe_rounds: closed rounds whose update ids still get ``duplicate`` acks.
         max_agents: agents the roster tracks at most (statuses of more are ignored).
         security: signing key and device registry (None: unsigned, development only).
+        screening: example-count cap and update-norm screen (``[screening]``).
     """
 
     federation: str
@@ -204,6 +206,7 @@ class CoordinatorConfig:
     dedupe_rounds: int = DEFAULT_DEDUPE_ROUNDS
     max_agents: int = DEFAULT_MAX_AGENTS
     security: SecurityPolicy | None = None
+    screening: ScreeningPolicy = field(default_factory=ScreeningPolicy)
 
     @property
     def signer(self) -> SigningKey | None:

@@ -16,7 +16,23 @@ RECORD_VERSION = 1
 
 @dataclass(frozen=True)
 class Contribution:
-    """One accepted update as the round saw it."""
+    """One accepted update as the round saw it.
+
+    Args:
+        client: the agent.
+        update_id: its update id.
+        round: the round it answered.
+        base_round: the round of the model it trained from.
+        examples: the example count it claimed.
+        weight: the FedAvg weight used (counted examples x staleness discount).
+        staleness: rounds between its base model and the round it joined.
+        metrics: its reported metrics.
+        counted_examples: the example count it was weighted by (``examples`` capped at
+            ``[screening] max_examples``; None in records written before the cap).
+        norm: L2 norm of its delta as received (None in older records).
+        norm_scale: factor its delta was scaled by before folding (below 1 when the
+            norm screen clipped it).
+    """
 
     client: str
     update_id: str
@@ -26,17 +42,30 @@ class Contribution:
     weight: float
     staleness: int
     metrics: Mapping[str, float] = field(default_factory=dict)
+    counted_examples: int | None = None
+    norm: float | None = None
+    norm_scale: float = 1.0
+
+    @property
+    def counted(self) -> int:
+        """The example count this update was weighted by."""
+        return self.examples if self.counted_examples is None else self.counted_examples
+
+    @property
+    def folded_norm(self) -> float | None:
+        """The norm of the delta as folded (after any clipping)."""
+        return None if self.norm is None else self.norm * self.norm_scale
 
 
 def weighted_metrics(contributions: Iterable[Contribution]) -> dict[str, float]:
-    """Example-weighted mean of every metric, over the updates that report it."""
+    """Mean of every metric weighted by counted examples, over the updates reporting it."""
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
     for item in contributions:
         for name, value in item.metrics.items():
             if math.isfinite(value):
-                sums[name] = sums.get(name, 0.0) + value * item.examples
-                weights[name] = weights.get(name, 0.0) + item.examples
+                sums[name] = sums.get(name, 0.0) + value * item.counted
+                weights[name] = weights.get(name, 0.0) + item.counted
     return {name: sums[name] / weights[name] for name in sorted(sums) if weights[name] > 0}
 
 
@@ -46,9 +75,10 @@ class RoundRecord:
 
     Args:
         round: round number.
-        outcome: ``closed`` (new model) or ``failed`` (below quorum, model unchanged).
+        outcome: ``closed`` (new model) or ``failed`` (model unchanged).
         reason: why it ended: ``target``, ``all_reported``, ``deadline``, ``buffer``
-            (async) or ``no_quorum``.
+            (async); failed: ``no_quorum``, ``strategy`` (it could not aggregate) or
+            ``non_finite_model`` (the new model was not finite and was not published).
         opened_at: unix time the round was announced.
         closed_at: unix time it ended.
         deadline: final deadline (after any extension).
@@ -56,7 +86,8 @@ class RoundRecord:
         selected: agents asked to train (None: anyone).
         contributions: accepted updates in fold order.
         rejected: rejections by reason.
-        metrics: example-weighted means of the updates' metrics (plus ``examples``).
+        metrics: example-weighted means of the updates' metrics (plus ``examples``,
+            the counted examples).
         strategy: strategy name.
     """
 

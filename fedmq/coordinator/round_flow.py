@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
+
 from fedmq.coordinator.actions import (
     Action,
     FederationFinished,
@@ -27,6 +29,7 @@ from fedmq.coordinator.records import RoundRecord
 from fedmq.coordinator.roster import Roster
 from fedmq.coordinator.round_state import RoundState
 from fedmq.coordinator.rules import Close, Extend, Fail, RoundRules
+from fedmq.coordinator.screening import remember
 from fedmq.coordinator.state import FederationState
 from fedmq.coordinator.validation import UpdateSchema
 from fedmq.errors import LocalProtocolError
@@ -121,12 +124,33 @@ class RoundFlow:
         return []
 
     def _close(self, now: float, reason: str) -> list[Action]:
+        # The optimizers build new state arrays on every step (never in place), so these
+        # references are the state to go back to if the step has to be undone.
+        optimizer_state = self.strategy.state_dict()
         try:
-            new_values = self.strategy.finalize(self.state.params)
+            with np.errstate(all="ignore"):  # an overflow is caught below, as a NaN/Inf
+                new_values = self.strategy.finalize(self.state.params)
         except LocalProtocolError as exc:
             # E.g. Krum with fewer than f + 3 updates: the round fails, the service lives.
             message = f"round {self.state.round.number}: {exc}"
             return [Noted("warning", message), *self._end_round(now, "failed", "strategy")]
+        broken = [name for name, value in new_values.items() if not np.isfinite(value).all()]
+        # A finite step can still leave Inf in the moments (FedAdam's v), freezing the
+        # model from the next round on: that state is not kept either.
+        broken += [
+            f"optimizer {name}"
+            for name, value in self.strategy.state_dict().items()
+            if not np.isfinite(value).all()
+        ]
+        if broken:
+            # Never published: the round fails and the previous model stays the global one.
+            self.strategy.load_state_dict(optimizer_state)
+            message = (
+                f"round {self.state.round.number}: the new global model is not finite "
+                f"(NaN/Inf in {broken[:5]}); it is discarded and the model of round "
+                f"{self.state.checkpoint} stays published"
+            )
+            return [Noted("warning", message), *self._end_round(now, "failed", "non_finite_model")]
         params = dict(self.state.params)
         params.update(new_values)
         self.state.params = params
@@ -143,6 +167,10 @@ class RoundFlow:
         if outcome == "closed":
             self.state.completed += 1
             self.state.last_metrics = dict(record.metrics)
+            # The norm screen's history: the norms this round folded into its new model.
+            folded = [c.folded_norm for c in r.contributions if c.folded_norm is not None]
+            window = self.config.screening.norm_window
+            self.state.norms = remember(self.state.norms, folded, window)
         else:
             self.state.failed += 1
         actions: list[Action] = [
@@ -186,6 +214,9 @@ class RoundFlow:
         # The last round's counts stay visible in the final status.
         self.state.round.phase = transition(self.state.round.phase, "finish")
         self.state.finish_reason = reason
+        # No agent downloads anything any more: the announcement below says "finished"
+        # and every retained blob is cleared after it (the final model is a checkpoint).
+        self.state.blobs.retire()
         return [*self.announce(now), FederationFinished(reason)]
 
     # ------------------------------------------------------------------ publishing
@@ -204,7 +235,7 @@ class RoundFlow:
             params=self.state.blobs.params_ref,
             training=self.strategy.training_config(self.config.training),
             codec=self.config.codec,
-            chunk_size=self.config.chunk_size,
+            chunk_size=self.state.blobs.chunk_size,
             selected=list(r.selected) if r.selected is not None else None,
         )
 

@@ -59,7 +59,7 @@ class RoundState:
         """The durable record of this round ending now."""
         metrics = weighted_metrics(self.contributions)
         metrics["updates"] = float(len(self.contributions))
-        metrics["examples"] = float(sum(c.examples for c in self.contributions))
+        metrics["examples"] = float(sum(c.counted for c in self.contributions))
         return RoundRecord(
             round=self.number,
             outcome=outcome,

@@ -12,11 +12,15 @@ Version 1 layout (one flat JSON object)::
 
     v federation aggregator mode bundle params round phase opened_at deadline extended
     selected target seq checkpoint completed failed blobs selections ids contributed
-    metrics finish_reason
+    metrics finish_reason screen
+
+``screen`` (``{"training": <fingerprint>, "norms": [...]}``, the norm screen's history)
+was added within version 1: a snapshot without it loads with an empty history.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +58,8 @@ class Snapshot:
     history: History
     metrics: dict[str, float]
     finish_reason: str | None
+    norms: tuple[float, ...] = ()
+    norms_training: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready object written to ``state.json``."""
@@ -79,6 +85,7 @@ class Snapshot:
             **self.history.to_json(),
             "metrics": dict(self.metrics),
             "finish_reason": self.finish_reason,
+            "screen": {"training": self.norms_training, "norms": list(self.norms)},
         }
 
     @classmethod
@@ -116,6 +123,7 @@ class Snapshot:
                 history=History.from_json(data),
                 metrics={str(k): float(v) for k, v in data["metrics"].items()},
                 finish_reason=data.get("finish_reason"),
+                **_screen(data.get("screen")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"state snapshot is inconsistent: {exc!r}") from exc
@@ -138,3 +146,14 @@ class Snapshot:
             )
         if self.mode != mode:
             raise ConfigError(f"state directory runs in {self.mode} mode, config says {mode}")
+
+
+def _screen(value: Any) -> dict[str, Any]:
+    """The norm screen's fields of a snapshot (absent before they existed: empty)."""
+    if value is None:
+        return {}
+    norms = tuple(float(norm) for norm in value["norms"])
+    if not all(math.isfinite(norm) and norm >= 0 for norm in norms):
+        raise ValueError("norm history holds a negative or non-finite norm")
+    training = value["training"]
+    return {"norms": norms, "norms_training": None if training is None else str(training)}

@@ -16,6 +16,7 @@ from fedmq.coordinator.history import History
 from fedmq.coordinator.ledger import BlobLedger
 from fedmq.coordinator.policy import CoordinatorConfig
 from fedmq.coordinator.round_state import RoundState
+from fedmq.coordinator.screening import training_fingerprint
 from fedmq.coordinator.snapshot import Snapshot
 
 Params = dict[str, npt.NDArray[Any]]
@@ -36,6 +37,8 @@ class FederationState:
         failed: rounds that ended without one.
         last_metrics: the last closed round's example-weighted metrics.
         finish_reason: why the federation finished (None while it runs).
+        norms: L2 norms of the updates folded into recent closed rounds, oldest first
+            (the norm screen's history; the open round's are in its contributions).
     """
 
     params: Params
@@ -48,6 +51,7 @@ class FederationState:
     failed: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
     finish_reason: str | None = None
+    norms: list[float] = field(default_factory=list)
 
     def snapshot(self, config: CoordinatorConfig) -> Snapshot:
         """Everything needed to rebuild this state, besides the checkpoint blobs."""
@@ -73,6 +77,8 @@ class FederationState:
             history=self.history,
             metrics=dict(self.last_metrics),
             finish_reason=self.finish_reason,
+            norms=tuple(self.norms),
+            norms_training=training_fingerprint(config.training),
         )
 
     def load(self, snap: Snapshot) -> None:
@@ -86,6 +92,8 @@ class FederationState:
             selected=snap.selected,
             target=snap.target,
         )
+        if snap.phase == "finished":
+            self.blobs.retire()  # its blobs were cleared (or are cleared at start)
         self.blobs.load_retained(snap.blobs)
         self.history = snap.history
         self.seq = snap.seq
@@ -94,3 +102,4 @@ class FederationState:
         self.failed = snap.failed
         self.last_metrics = dict(snap.metrics)
         self.finish_reason = snap.finish_reason
+        self.norms = list(snap.norms)

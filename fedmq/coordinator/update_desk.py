@@ -2,14 +2,18 @@
 
 Chunks are reassembled by :class:`~fedmq.coordinator.intake.UpdateIntake`; this desk
 decides on the first chunk whether buffering the update is worth it, on the verified
-update whether it counts (:func:`~fedmq.coordinator.admission.decide`), folds accepted
-updates into the round once durable, and writes every ack.  A rejection of an agent
-the round is waiting for lets the round flow re-check whether it can close.
+update whether it counts (:func:`~fedmq.coordinator.admission.decide`, then the norm
+screen of :mod:`~fedmq.coordinator.screening`), folds accepted updates into the round
+once durable (weighted by their capped example count, clipped in ``clip`` mode), and
+writes every ack.  A rejection of an agent the round is waiting for lets the round flow
+re-check whether it can close.
 """
 
 from __future__ import annotations
 
-from fedmq.coordinator.actions import Action, Publish, Ticket, UpdateRejected
+import numpy as np
+
+from fedmq.coordinator.actions import Action, Noted, Publish, Ticket, UpdateRejected
 from fedmq.coordinator.admission import Ignore, decide
 from fedmq.coordinator.intake import ChunkProblem, Verdict
 from fedmq.coordinator.policy import CoordinatorConfig
@@ -17,9 +21,11 @@ from fedmq.coordinator.records import Contribution
 from fedmq.coordinator.roster import Roster
 from fedmq.coordinator.round_flow import RoundFlow
 from fedmq.coordinator.rules import Accept
+from fedmq.coordinator.screening import NormBound, NormScreen
 from fedmq.coordinator.staleness import staleness_weight
 from fedmq.coordinator.state import FederationState
 from fedmq.coordinator.validation import UpdateKey, VerifiedUpdate
+from fedmq.strategies.layout import TensorMap
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.chunks import ChunkHeader
 from fedmq.wire.control import Ack, encode_control
@@ -53,6 +59,7 @@ class UpdateDesk:
         self.strategy = strategy
         self.state = state
         self.flow = flow
+        self.screen = NormScreen(config.screening, flow.schema.shapes)
 
     def known(self, client: str) -> bool:
         """Whether ``client`` may send updates (its status was seen, or it took part)."""
@@ -128,7 +135,9 @@ class UpdateDesk:
         meta = update.meta
         r.reserved.pop((ticket.key.client, ticket.key.update_id), None)
         weight = ticket.weight
-        self.strategy.fold(update.delta, weight)
+        delta, scale, actions = self._clipped(update)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum fails the round
+            self.strategy.fold(delta, weight)
         r.contributions.append(
             Contribution(
                 client=meta.client,
@@ -139,14 +148,74 @@ class UpdateDesk:
                 weight=weight,
                 staleness=ticket.staleness,
                 metrics=dict(meta.metrics),
+                counted_examples=self.config.screening.counted_examples(meta.num_examples),
+                norm=update.norm,
+                norm_scale=scale,
             )
         )
         self.state.history.record(meta.client, meta.update_id, meta.round, r.number)
         if ticket.staleness == 0:
             r.on_time.add(meta.client)
             r.answered.add(meta.client)
-        verdict = Verdict(True, "accepted", f"round {r.number}, weight {weight:.6g}")
-        return [self.ack(ticket.key, verdict, now)]
+        detail = f"round {r.number}, weight {weight:.6g}"
+        if scale < 1:
+            detail += f", norm clipped from {update.norm:.4g} to {update.norm * scale:.4g}"
+        verdict = Verdict(True, "accepted", detail)
+        return [*actions, self.ack(ticket.key, verdict, now)]
+
+    # ------------------------------------------------------------------ screening
+
+    def norm_bound(self) -> NormBound | None:
+        """The norm screen's bound now (None: the screen is off)."""
+        current = [c.folded_norm for c in self.state.round.contributions]
+        return self.screen.bound(
+            self.state.norms, [n for n in current if n is not None], self.state.params
+        )
+
+    def screened(self, update: VerifiedUpdate) -> Verdict | None:
+        """The ``outlier`` refusal of an update above the norm bound (``reject`` mode)."""
+        if self.config.screening.norm_mode != "reject":
+            return None
+        bound = self.norm_bound()
+        if bound is None or update.norm <= bound.value:
+            return None
+        return Verdict(
+            False,
+            "outlier",
+            f"update norm {update.norm:.4g} is above the bound {bound.value:.4g} ({bound.why})",
+        )
+
+    def _clipped(self, update: VerifiedUpdate) -> tuple[TensorMap, float, list[Action]]:
+        # ``clip`` mode, at fold time: the bound then is what replay recomputes.
+        if self.config.screening.norm_mode != "clip":
+            return update.delta, 1.0, []
+        bound = self.norm_bound()
+        if bound is None or update.norm <= bound.value:
+            return update.delta, 1.0, []
+        scale = bound.value / update.norm
+        factor = np.float32(scale)
+        delta = {name: array * factor for name, array in update.delta.items()}
+        key = update.key
+        note = Noted(
+            "warning",
+            f"clipped update {key.update_id} of {key.client}: norm {update.norm:.4g} is "
+            f"above the bound {bound.value:.4g} ({bound.why})",
+        )
+        return delta, scale, [note]
+
+    def notes(self, ticket: Ticket) -> list[Action]:
+        """What is worth a log line about an update just accepted (a capped example count)."""
+        meta = ticket.update.meta
+        counted = self.config.screening.counted_examples(meta.num_examples)
+        if counted == meta.num_examples:
+            return []
+        return [
+            Noted(
+                "warning",
+                f"{meta.client} claims {meta.num_examples} examples for update "
+                f"{meta.update_id}; weighted as {counted} ([screening] max_examples)",
+            )
+        ]
 
     def reserve(self, update: VerifiedUpdate, staleness: int, seq: int | None = None) -> Ticket:
         """Reserve the next sequence number (or ``seq``, replaying) for an accepted update.
@@ -154,7 +223,8 @@ class UpdateDesk:
         The update counts only once :meth:`commit` runs on the ticket, after it is durable.
         """
         state = self.state
-        weight = update.meta.num_examples * staleness_weight(staleness)
+        examples = self.config.screening.counted_examples(update.meta.num_examples)
+        weight = examples * staleness_weight(staleness)
         number = state.seq if seq is None else seq
         state.seq = max(state.seq, number + 1)
         return Ticket(number, state.round.number, update, weight, staleness)

@@ -1,9 +1,9 @@
 """Checking a reassembled update against the bundle before it may count.
 
-:func:`verify_update` is pure and CPU-bound (zstd, finite checks): services run it off
-the event loop.  It checks everything that depends only on the update's bytes and the
-bundle manifest; whether the update fits the current round (known agent, round,
-duplicate) is the coordinator's decision.
+:func:`verify_update` is pure and CPU-bound (zstd, finite checks, the update's norm):
+services run it off the event loop.  It checks everything that depends only on the
+update's bytes and the bundle manifest; whether the update fits the current round
+(known agent, round, duplicate, norm screen) is the coordinator's decision.
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import numpy.typing as npt
 
 from fedmq.buffers import Buffer
 from fedmq.errors import DecodeError, IntegrityError, LimitExceededError, MalformedMessageError
+from fedmq.strategies.clipping import update_norm
 from fedmq.strategies.layout import ModelLayout
 from fedmq.wire.blobs import BlobAssembler
 from fedmq.wire.control import AckReason
-from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB, MiB
 from fedmq.wire.tensors import decode_tensors
 from fedmq.wire.update import MAX_METRICS, UpdateMeta, decode_update_meta
 
@@ -32,6 +33,9 @@ HEADER_ALLOWANCE = 64 * KiB  # bytes: envelope header with metrics, tensor set h
 PER_TENSOR_ALLOWANCE = 512  # bytes of header per tensor entry (name, shape, codec fields)
 # topk:1 stores a 4-byte index next to every 4-byte value: twice the raw size before zstd.
 CODEC_EXPANSION = 2
+# Decoding memory beyond the arrays (fedmq.wire.tensors: one step's scratch, zstd's window
+# ring): at most ~1 MiB for the level-1 frames agents send.
+DECODE_ALLOWANCE = 2 * MiB
 EXTRA_TENSORS = 64  # tensors beyond the schema still decoded, to name them in the rejection
 
 
@@ -78,8 +82,9 @@ class UpdateSchema:
             base_limits,
             max_blob_bytes=max_bytes,
             # Headroom over the exact model size, so an update with an extra or misshapen
-            # tensor is reported as ``wrong_shape`` rather than ``too_large``.
-            max_decoded_bytes=2 * raw + HEADER_ALLOWANCE,
+            # tensor is reported as ``wrong_shape`` rather than ``too_large``; decoding
+            # never allocates more than this (arrays, scratch and zstd's window together).
+            max_decoded_bytes=2 * raw + HEADER_ALLOWANCE + DECODE_ALLOWANCE,
             max_tensors=len(shapes) + EXTRA_TENSORS,
             max_elements_per_tensor=max(largest, 1),
             max_header_bytes=min(
@@ -116,12 +121,14 @@ class VerifiedUpdate:
         meta: the envelope metadata.
         delta: float32, finite, manifest-shaped tensors.
         data: the envelope bytes, persisted as received.
+        norm: L2 norm of ``delta`` over all its tensors (what the norm screen judges).
     """
 
     key: UpdateKey
     meta: UpdateMeta
     delta: dict[str, npt.NDArray[np.float32]] = field(repr=False)
     data: Buffer = field(repr=False)
+    norm: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -199,7 +206,7 @@ def verify_update(
     if problem is not None:
         return _reject(key, *problem)
     ordered = {name: delta[name] for name in schema.shapes}
-    return VerifiedUpdate(key, meta, ordered, data)
+    return VerifiedUpdate(key, meta, ordered, data, update_norm(ordered))
 
 
 def verify_assembled(

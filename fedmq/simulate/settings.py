@@ -149,6 +149,8 @@ def aggregator_settings(
         "exit_when_finished": True,
         "log_level": log_level,
         "agents": None,  # the simulator names its own devices
+        # The report evaluates every round's checkpoint, after the round: keep them all.
+        "retention": {"keep_last": 0, "keep_every": 1},
     }
     if options.codec is not None:
         overrides["codec"] = options.codec

@@ -13,11 +13,20 @@ from fedmq.strategies.layout import Array, TensorMap
 
 
 def update_norm(delta: TensorMap) -> float:
-    """L2 norm of an update over all its tensors."""
+    """L2 norm of an update over all its tensors.
+
+    Finite for every finite update: a float32 sum of squares that overflows (values
+    beyond ~1e19) is summed again in float64.
+    """
     total = 0.0
     for array in delta.values():
         flat = np.asarray(array, np.float32).reshape(-1)
-        total += float(np.dot(flat, flat))
+        with np.errstate(over="ignore", invalid="ignore"):
+            square = float(np.dot(flat, flat))
+        if not np.isfinite(square):
+            wide = flat.astype(np.float64)
+            square = float(np.dot(wide, wide))
+        total += square
     return float(np.sqrt(total))
 
 

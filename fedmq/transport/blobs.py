@@ -8,14 +8,15 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from fedmq.buffers import Buffer
-from fedmq.errors import DecodeError, IntegrityError, TransportError
+from fedmq.errors import ConfigError, DecodeError, IntegrityError, TransportError
 from fedmq.timeouts import within
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import MqttSession
-from fedmq.wire.blobs import BlobAssembler, BlobRef
-from fedmq.wire.chunks import ChunkKind, decode_chunk, encode_blob_chunks
-from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
-from fedmq.wire.topics import BlobChunkTopic, Topics
+from fedmq.transport.mqtt import MqttSession, publish_packet_size
+from fedmq.wire.blobs import MIN_CHUNK_SIZE, BlobAssembler, BlobRef
+from fedmq.wire.chunks import ChunkKind, chunk_overhead, decode_chunk, encode_blob_chunks
+from fedmq.wire.ids import MAX_ID_LENGTH
+from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, KiB
+from fedmq.wire.topics import MAX_ROUND, BlobChunkTopic, Topics
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ class ChunkStore(Protocol):
         ...
 
     def add(self, index: int, payload: Buffer) -> bool:
-        """Store chunk ``index``; False for a duplicate."""
+        """Store chunk ``index``; False for a duplicate.
+
+        An ``OSError`` (the store cannot write) fails the fetch at once.
+        """
         ...
 
     def finish(self) -> bytearray:
@@ -58,6 +62,53 @@ class ChunkStore(Protocol):
 
 
 ChunkStoreFactory = Callable[[BlobRef, DecodeLimits], ChunkStore]
+
+
+def max_chunk_size(max_packet: int, topics: Topics) -> int:
+    """The largest chunk whose message fits a ``max_packet``-byte MQTT packet.
+
+    Counts the worst case: the longest chunk topic of the federation (an update of a
+    64-character client id at the highest round and chunk index) and a chunk header with
+    every field at its largest.  Rounded down to whole KiB.
+
+    Raises:
+        ConfigError: the cap is too small for even the smallest chunk.
+    """
+    longest_topic = max(
+        publish_packet_size(topics.update("x" * MAX_ID_LENGTH, MAX_ROUND - 1, 99_999), 0),
+        publish_packet_size(topics.blob("f" * 64, 99_999), 0),
+    )
+    room = (max_packet - longest_topic - chunk_overhead()) // KiB * KiB
+    if room < MIN_CHUNK_SIZE:
+        raise ConfigError(
+            f"the broker's maximum packet size of {max_packet} bytes leaves no room for a "
+            f"{MIN_CHUNK_SIZE}-byte chunk with its headers"
+        )
+    return room
+
+
+def fit_chunk_size(chunk_size: int, max_packet: int | None, topics: Topics) -> int:
+    """``chunk_size``, or the largest chunk that fits the broker's packets if smaller."""
+    if max_packet is None:
+        return chunk_size
+    return min(chunk_size, max_chunk_size(max_packet, topics))
+
+
+def check_chunk_fits(chunk_size: int, max_packet: int | None, topics: Topics, source: str) -> None:
+    """Raise if an explicit ``chunk_size`` does not fit the broker's packet cap.
+
+    Raises:
+        ConfigError: naming the setting, the cap and the largest chunk that fits.
+    """
+    if max_packet is None:
+        return
+    largest = max_chunk_size(max_packet, topics)
+    if chunk_size > largest:
+        raise ConfigError(
+            f"chunk_size = {chunk_size} does not fit the broker's maximum packet size of "
+            f"{max_packet} bytes ({source}): chunks of at most {largest} bytes fit with "
+            'their headers; set chunk_size = "auto" or a value up to that'
+        )
 
 
 async def publish_chunks(
@@ -195,6 +246,7 @@ class BlobReceiver:
 
         Raises:
             TransportError: the blob was not complete within ``timeout`` seconds.
+            OSError: the chunk store could not write (at once, not at the timeout).
         """
         future = await self.want(ref)
         try:
@@ -233,6 +285,9 @@ class BlobReceiver:
             self.rejected_chunks += 1
             log.warning("rejected chunk on %s: %s", message.topic, exc)
             return
+        except OSError as exc:
+            await self._give_up(assembler.ref, future, exc)
+            return
         if fresh and self._on_progress is not None:
             result = self._on_progress(assembler.ref, assembler.received)
             if result is not None:
@@ -243,6 +298,9 @@ class BlobReceiver:
         blob_filter = self._topics.blob_filter(sha256)
         try:
             blob = assembler.finish()
+        except OSError as exc:
+            await self._give_up(assembler.ref, future, exc)
+            return
         except IntegrityError as exc:
             failures = self._failures.get(sha256, 0) + 1
             self._failures[sha256] = failures
@@ -264,3 +322,14 @@ class BlobReceiver:
         self._failures.pop(sha256, None)
         await self._session.unsubscribe(blob_filter)
         future.set_result(blob)
+
+    async def _give_up(self, ref: BlobRef, future: asyncio.Future[bytearray], exc: OSError) -> None:
+        # The chunk store cannot write (a full disk, a read-only or failing device):
+        # waiting for more chunks cannot help, so the fetch fails now with the reason
+        # instead of at its timeout.
+        log.warning("cannot store blob %s…: %s", ref.sha256[:12], exc)
+        self._pending.pop(ref.sha256, None)
+        self._failures.pop(ref.sha256, None)
+        await self._session.unsubscribe(self._topics.blob_filter(ref.sha256))
+        if not future.done():
+            future.set_exception(exc)

@@ -46,6 +46,11 @@ class BrokerSection(BaseModel):
     keepalive_s: int = Field(
         KEEPALIVE, ge=5, le=3600, description="the broker fires our last will within 1.5x"
     )
+    max_packet_size: int | None = Field(
+        None,
+        ge=4096,
+        description="the broker's packet cap in bytes (MQTT 3.1.1 brokers do not announce it)",
+    )
 
     @model_validator(mode="after")
     def _tls_files(self) -> BrokerSection:
@@ -77,4 +82,5 @@ class BrokerSection(BaseModel):
             # survive a restart of either side.
             persistent_session=True,
             keepalive=self.keepalive_s,
+            max_packet_size=self.max_packet_size,
         )

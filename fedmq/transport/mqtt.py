@@ -83,6 +83,8 @@ class BrokerSettings:
         protocol: MQTT protocol version; 3.1.1 for brokers without MQTT 5.
         persistent_session: keep subscriptions and queued QoS 1 messages across reconnects.
         keepalive: seconds between pings; also how fast the broker notices a dead client.
+        max_packet_size: the broker's packet cap in bytes, for brokers that do not state
+            it in their MQTT 5 CONNACK (3.1.1); the smaller of the two applies.
     """
 
     url: str
@@ -96,6 +98,7 @@ class BrokerSettings:
     persistent_session: bool = True
     keepalive: int = KEEPALIVE
     session_expiry: int = SESSION_EXPIRY
+    max_packet_size: int | None = None
 
     @property
     def address(self) -> BrokerAddress:
@@ -115,6 +118,30 @@ class BrokerSettings:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load TLS files for {self.url}: {exc}") from exc
         return context
+
+
+class PacketTooLargeError(TransportError):
+    """A message would exceed the broker's maximum packet size (never sent)."""
+
+
+class BrokerRefusedError(TransportError):
+    """The broker keeps closing the connection on one publish (an unannounced size cap)."""
+
+
+# A large publish during which the connection dropped this often is blamed on its size:
+# brokers close the connection on an oversized packet, and 3.1.1 ones never say so.
+SUSPECT_DROPS = 2
+SUSPECT_SIZE = 16 * 1024  # bytes
+
+
+# MQTT PUBLISH bytes besides topic and payload: fixed header (1 + up to 4 bytes of
+# remaining length), topic length (2), packet id (2), MQTT 5 property length (up to 4).
+PUBLISH_OVERHEAD = 13
+
+
+def publish_packet_size(topic: str, payload_size: int) -> int:
+    """Upper bound of the PUBLISH packet carrying ``payload_size`` bytes on ``topic``."""
+    return PUBLISH_OVERHEAD + len(topic.encode()) + payload_size
 
 
 @dataclass(frozen=True)
@@ -138,6 +165,28 @@ def _raise_if_cancelling(cause: BaseException | None) -> None:
     current = asyncio.current_task()
     if current is not None and current.cancelling():
         raise asyncio.CancelledError from cause
+
+
+def _drop_pending(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+    """Remove an unacknowledged publish from paho's queue of messages to retransmit."""
+    paho = client._client
+    with paho._out_message_mutex:
+        for mid, message in list(paho._out_messages.items()):
+            if message.topic == topic and message.payload == payload:
+                del paho._out_messages[mid]
+
+
+def _forget_last_connection(client: aiomqtt.Client) -> None:
+    """Make a reused aiomqtt client wait for the next CONNACK (aiomqtt 2.x bug).
+
+    After an unexpected disconnect aiomqtt leaves its "connected" future done, so the
+    next ``__aenter__`` returns before the broker has answered: a refused CONNECT would
+    go unnoticed and a disconnect right after it would be lost.
+    """
+    if client._connected.done():
+        if not client._connected.cancelled():
+            client._connected.exception()  # retrieved: no "never retrieved" warning
+        client._connected = asyncio.get_running_loop().create_future()
 
 
 def _to_message(received: aiomqtt.Message) -> Message:
@@ -180,6 +229,32 @@ class MqttSession:
         self._connected = asyncio.Event()
         self.connections = 0  # successful connects so far (1 after the first)
         self.last_error: str | None = None
+        self._connack_max_packet: int | None = None  # from the latest CONNACK (MQTT 5)
+        self._lost = asyncio.Event()  # set when the current connection ends
+
+    @property
+    def max_packet_size(self) -> int | None:
+        """The largest packet the broker accepts (None: unknown, no cap).
+
+        The smaller of the configured ``max_packet_size`` and the Maximum Packet Size of
+        the latest MQTT 5 CONNACK.
+        """
+        caps = [c for c in (self.settings.max_packet_size, self._connack_max_packet) if c]
+        return min(caps, default=None)
+
+    def check_fits(self, topic: str, payload_size: int) -> None:
+        """Raise if a publish of ``payload_size`` bytes on ``topic`` would exceed the cap.
+
+        Raises:
+            PacketTooLargeError: naming the topic, the size and the cap.
+        """
+        cap = self.max_packet_size
+        size = publish_packet_size(topic, payload_size)
+        if cap is not None and size > cap:
+            raise PacketTooLargeError(
+                f"publish to {topic} would be a {size}-byte packet, over the broker's "
+                f"maximum packet size of {cap} bytes"
+            )
 
     @property
     def is_connected(self) -> bool:
@@ -235,6 +310,18 @@ class MqttSession:
         # Pipelined chunk uploads keep many publishes pending by design; aiomqtt would
         # log a warning for every one beyond 10.
         client.pending_calls_threshold = MAX_INFLIGHT
+        # aiomqtt drops the CONNACK properties; the broker's Maximum Packet Size is in them.
+        paho = client._client
+        on_connect = paho.on_connect
+
+        def capture_connack(*args: Any) -> None:
+            properties = args[4] if len(args) > 4 else None
+            cap = getattr(properties, "MaximumPacketSize", None)
+            self._connack_max_packet = int(cap) if cap else None
+            if on_connect is not None:
+                on_connect(*args)
+
+        paho.on_connect = capture_connack
         return client
 
     async def run(self, handler: MessageHandler) -> None:
@@ -246,6 +333,7 @@ class MqttSession:
         client = self._make_client()
         while True:
             try:
+                _forget_last_connection(client)
                 async with client:
                     try:
                         await self._serve(client, handler)
@@ -268,13 +356,22 @@ class MqttSession:
                 )
             finally:
                 self._connected.clear()
+                self._lost.set()
                 self._client = None
                 for task in self._control_tasks:
                     task.cancel()  # acks that can no longer come
             await asyncio.sleep(self._backoff.next_delay())
 
     async def _serve(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
+        paho = client._client
+        if paho.socket() is None or not paho.is_connected():
+            # aiomqtt forgets a disconnect that lands between CONNACK and the end of its
+            # __aenter__ (it resets its "disconnected" future), and the session would sit
+            # on a dead connection; a broker resetting an oversized retransmission does
+            # exactly that.
+            raise aiomqtt.MqttError("the connection dropped right after the CONNACK")
         self._client = client
+        self._lost = asyncio.Event()
         client.timeout = CONNECT_TIMEOUT
         # Copies: other tasks may (un)subscribe while we await the acks.
         for topic_filter, qos in list(self._subscriptions.items()):
@@ -307,20 +404,56 @@ class MqttSession:
         """Publish one message; for QoS 1, return once the broker has acknowledged it.
 
         Raises:
+            PacketTooLargeError: the message does not fit the broker's packet cap.
             TransportError: no connection came up, or the broker did not acknowledge
                 within ``timeout`` seconds.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        drops = 0
         while True:
             await self.wait_connected(max(0.0, deadline - loop.time()))
             client = self._client
             if client is None:
                 continue
-            try:
-                await client.publish(
+            # Never attempt it: a broker closes the connection on an oversized packet,
+            # and the publish would only time out after reconnect after reconnect.
+            self.check_fits(topic, len(payload))
+            lost = self._lost
+            attempt = asyncio.ensure_future(
+                client.publish(
                     topic, payload, qos=qos, retain=retain, timeout=max(0.1, deadline - loop.time())
                 )
+            )
+            dropped = asyncio.ensure_future(lost.wait())
+            try:
+                await asyncio.wait({attempt, dropped}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                attempt.cancel()
+                raise
+            finally:
+                dropped.cancel()
+            if not attempt.done():
+                # The connection dropped before the broker acknowledged: publish again on
+                # the next connection now, rather than when aiomqtt's wait times out.
+                attempt.cancel()
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
+                    await attempt
+                # paho would retransmit it on the next connection by itself: a duplicate
+                # at best, and a connection reset after every reconnect for a message the
+                # broker refuses.  We publish it again ourselves.
+                _drop_pending(client, topic, payload)
+                drops += 1
+                if drops >= SUSPECT_DROPS and len(payload) >= SUSPECT_SIZE:
+                    raise BrokerRefusedError(
+                        f"the broker closed the connection {drops} times while receiving a "
+                        f"{len(payload)}-byte publish to {topic}: it is probably larger than "
+                        "the broker's max_packet_size (MQTT 3.1.1 brokers do not announce "
+                        "it: set max_packet_size in the [broker] table)"
+                    )
+                continue
+            try:
+                attempt.result()
             except aiomqtt.MqttError as exc:
                 _raise_if_cancelling(exc)
                 if loop.time() >= deadline:

@@ -15,9 +15,10 @@ arrival (and fetched again) instead of spoiling the whole blob's sha256 check::
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from fedmq.buffers import Buffer
@@ -30,7 +31,7 @@ from fedmq.errors import (
 )
 from fedmq.wire.blobs import BlobRef, split_blob
 from fedmq.wire.framing import decode_frame, encode_frame, require, require_int
-from fedmq.wire.ids import id_problem, validate_id
+from fedmq.wire.ids import MAX_ID_LENGTH, id_problem, validate_id
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.signing import SIGNATURE_BYTES
 from fedmq.wire.topics import MAX_ROUND
@@ -116,6 +117,21 @@ def encode_chunk(header: ChunkHeader, payload: Buffer) -> bytes:
             raise LocalProtocolError("only update chunks carry a 64-byte signature")
         fields["sig"] = header.signature
     return encode_frame(f"{header.kind}_chunk", fields, view)
+
+
+@functools.cache
+def chunk_overhead() -> int:
+    """The most bytes a chunk message adds to its payload (worst-case header fields)."""
+    longest = "x" * MAX_ID_LENGTH
+    ref = BlobRef("f" * 64, 2**62, 2**40)
+    header = ChunkHeader(
+        "update", longest, longest, MAX_ROUND - 1, ref, 2**40 - 1, longest, bytes(64)
+    )
+    probe = BlobRef("f" * 64, 1, 1024)
+    message = encode_chunk(replace(header, blob=probe, index=0), b"\0")
+    # Integers grow by at most 8 bytes each in msgpack: size, csz, idx, n (the probe's
+    # are small), plus the body length in the frame header.
+    return len(message) - 1 + 5 * 8
 
 
 def encode_blob_chunks(

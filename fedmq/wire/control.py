@@ -128,6 +128,7 @@ AckReason = Literal[
     "non_finite",
     "too_large",
     "integrity",
+    "outlier",
 ]
 
 

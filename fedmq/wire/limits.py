@@ -23,7 +23,7 @@ class DecodeLimits:
     max_message_bytes: int = 4 * MiB  # one MQTT payload: a 256 KiB chunk with room to spare
     max_header_bytes: int = 1 * MiB  # msgpack header: ~60 B per tensor spec x max_tensors
     max_blob_bytes: int = 256 * MiB  # a reassembled blob, and a decompressed tensor body
-    max_decoded_bytes: int = 256 * MiB  # all arrays of one tensor set after decoding
+    max_decoded_bytes: int = 256 * MiB  # everything decoding one tensor set allocates
     max_tensors: int = 4096
     max_elements_per_tensor: int = 64 * MiB
     max_rank: int = 8

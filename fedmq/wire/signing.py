@@ -140,7 +140,7 @@ def _key_line(text: str, prefix: str, what: str) -> bytes:
         raise ConfigError(f"{what} must be one line starting with {prefix!r}")
     try:
         raw = base64.b64decode(lines[0][len(prefix) :], validate=True)
-    except binascii.Error as exc:
+    except (binascii.Error, ValueError) as exc:
         raise ConfigError(f"{what} is not valid base64: {exc}") from exc
     if len(raw) != KEY_BYTES:
         raise ConfigError(f"{what} holds {len(raw)} bytes, an Ed25519 key has {KEY_BYTES}")
@@ -235,7 +235,7 @@ def _split_signature(value: object) -> tuple[str, bytes]:
         raise BadSignatureError(f"signature must read '{SIGNATURE_SCHEME}:<key id>:<base64>'")
     try:
         raw = base64.b64decode(encoded, validate=True)
-    except binascii.Error as exc:
+    except (binascii.Error, ValueError) as exc:  # ValueError: non-ASCII characters
         raise BadSignatureError(f"signature is not valid base64: {exc}") from exc
     if len(raw) != SIGNATURE_BYTES:
         raise BadSignatureError(f"signature holds {len(raw)} bytes, not {SIGNATURE_BYTES}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -41,6 +41,10 @@ DEFAULT_INT8_BLOCK = 256  # elements: one float32 scale per 256 values costs 1.6
 MAX_INT8_BLOCK = 1 << 24
 DEFAULT_TOPK_FRACTION = 0.01
 FP16_MAX = 65504.0
+STREAM_CHUNK = 256 * 1024  # bytes of scratch per decoding step (bounded, cache-sized)
+_HALF = np.dtype("<f2")
+_HALF_BITS = np.dtype("<u2")
+_FLOAT32 = np.dtype("<f4")
 
 _SPEC_PATTERN = re.compile(r"(?P<name>[a-z0-9]+)(?::(?P<arg>[^:]+))?")
 
@@ -136,15 +140,6 @@ def _shuffled(array: npt.NDArray[Any]) -> memoryview:
     for plane in range(itemsize):
         planes[plane] = interleaved[:, plane]
     return planes.data.cast("B")
-
-
-def _unshuffled(segment: memoryview, dtype: np.dtype[Any], count: int) -> npt.NDArray[Any]:
-    planes = np.frombuffer(segment, dtype=np.uint8).reshape(dtype.itemsize, count)
-    result = np.empty(count, dtype=dtype)
-    interleaved = result.view(np.uint8).reshape(count, dtype.itemsize)
-    for plane in range(dtype.itemsize):
-        interleaved[:, plane] = planes[plane]
-    return result
 
 
 def _require_finite(name: str, codec: str, flat: npt.NDArray[Any]) -> None:
@@ -326,50 +321,217 @@ def parse_entry(entry: Any, limits: DecodeLimits) -> TensorLayout:
     return layout
 
 
-def decode_tensor(layout: TensorLayout, segment: memoryview) -> npt.NDArray[Any]:
-    """Decode one tensor from its segment (``len(segment) == layout.length``).
+class SegmentSource(Protocol):
+    """The decompressed tensor body, read front to back one segment at a time.
 
-    ``raw`` tensors without shuffle come back as read-only views of ``segment``.
+    ``streamed`` sources (zstd) decompress into the buffer the decoder passes as
+    ``into``; unstreamed ones (an uncompressed body) return views of the body and
+    ignore ``into`` (the decoder passes None).
+    """
+
+    streamed: bool
+
+    def take(self, size: int, into: npt.NDArray[np.uint8] | None) -> memoryview:
+        """The next ``size`` bytes: a view of the body, or ``into[:size]`` filled."""
+        ...
+
+
+def _chunk_elements(count: int, bytes_per_element: int) -> int:
+    """Elements decoded per step so one step's scratch stays within ``STREAM_CHUNK``."""
+    return max(1, min(count, STREAM_CHUNK // bytes_per_element))
+
+
+def _shuffled_raw(layout: TensorLayout) -> bool:
+    return layout.shuffle and layout.dtype.itemsize > 1
+
+
+def decodes_as_view(layout: TensorLayout) -> bool:
+    """Whether the tensor decodes to a view of its segment (``raw``, not shuffled)."""
+    return layout.codec == "raw" and not _shuffled_raw(layout)
+
+
+def decode_footprint(layout: TensorLayout, *, streamed: bool) -> tuple[int, int]:
+    """What decoding ``layout`` allocates: ``(array bytes kept, scratch bytes while decoding)``.
+
+    The same arithmetic as the decoders below, so a tensor set's peak allocation is known
+    (and checked against :class:`DecodeLimits`) before anything is allocated: the kept
+    arrays of every tensor plus the largest single tensor's scratch.  Unstreamed raw
+    tensors are views of the body and keep nothing.
+    """
+    count, itemsize = layout.count, layout.dtype.itemsize
+    if layout.codec == "raw":
+        if not _shuffled_raw(layout):
+            return (layout.decoded_bytes if streamed else 0), 0
+        return layout.decoded_bytes, (_chunk_elements(count, 1) if streamed else 0)
+    if layout.codec == "fp16":
+        if not layout.shuffle:
+            return layout.decoded_bytes, (2 * _chunk_elements(count, 2) if streamed else 0)
+        per = 4 if streamed else 2  # (low copy, high bytes,) 16-bit values
+        return layout.decoded_bytes, per * _chunk_elements(count, per)
+    if layout.codec == "int8":
+        scales = 4 * math.ceil(count / layout.block) if streamed else 0
+        per = _int8_scratch(layout, streamed)
+        return layout.decoded_bytes, scales + per * _chunk_elements(count, max(1, per))
+    per = 8 + (itemsize if streamed else 0)  # int64 indices (, values)
+    deltas = 4 * layout.k if streamed else 0
+    return layout.decoded_bytes, deltas + per * _chunk_elements(layout.k, per)
+
+
+def decode_tensor(layout: TensorLayout, source: SegmentSource) -> npt.NDArray[Any]:
+    """Decode one tensor from the next ``layout.length`` bytes of ``source``.
+
+    Allocates exactly what :func:`decode_footprint` says.  ``raw`` tensors without
+    shuffle from an unstreamed source come back as views of the body (read-only when
+    the body is).
 
     Raises:
-        MalformedMessageError: topk indices out of range or not strictly increasing.
+        MalformedMessageError: non-finite int8 scales; topk indices out of range or not
+            strictly increasing.
+        DecompressionError: a streamed source ended early or is corrupt.
     """
-    dtype, count = layout.dtype, layout.count
     if layout.codec == "raw":
-        if layout.shuffle and dtype.itemsize > 1:
-            flat = _unshuffled(segment, dtype, count)
-        else:
-            flat = np.frombuffer(segment, dtype=dtype, count=count)
-        return flat.reshape(layout.shape)
-    if layout.codec == "fp16":
-        half_type = np.dtype("<f2")
-        if layout.shuffle:
-            half = _unshuffled(segment, half_type, count)
-        else:
-            half = np.frombuffer(segment, dtype=half_type, count=count)
-        return half.astype(dtype).reshape(layout.shape)
-    if layout.codec == "int8":
-        nblocks = math.ceil(count / layout.block)
-        scales = np.frombuffer(segment, dtype="<f4", count=nblocks)
-        quantized = np.frombuffer(segment, dtype=np.int8, count=count, offset=nblocks * 4)
-        if not np.isfinite(scales).all():
-            raise MalformedMessageError(f"int8 tensor {layout.name!r} has non-finite scales")
-        padded = np.zeros(nblocks * layout.block, dtype=np.float32)
-        padded[:count] = quantized
-        blocks = padded.reshape(nblocks, layout.block)
-        blocks *= scales[:, None]
-        return blocks.reshape(-1)[:count].astype(dtype, copy=False).reshape(layout.shape)
-    k = layout.k
-    deltas = np.frombuffer(segment, dtype="<u4", count=k)
-    values = np.frombuffer(segment, dtype=dtype, count=k, offset=k * 4)
-    dense = np.zeros(count, dtype=dtype)
-    if k:
-        if k > 1 and int(deltas[1:].min()) == 0:
-            raise MalformedMessageError(f"topk tensor {layout.name!r}: indices not increasing")
-        indices = np.cumsum(deltas, dtype=np.int64)
-        if int(indices[-1]) >= count:
-            raise MalformedMessageError(
-                f"topk tensor {layout.name!r}: index {int(indices[-1])} beyond {count} elements"
+        flat = _decode_raw(layout, source)
+    elif layout.codec == "fp16":
+        flat = _decode_fp16(layout, source)
+    elif layout.codec == "int8":
+        # Scales are finite but a peer's may be huge: values beyond the dtype decode to
+        # Inf without a warning (an update holding them is refused as non-finite).
+        with np.errstate(over="ignore", invalid="ignore"):
+            flat = _decode_int8(layout, source)
+    else:
+        flat = _decode_topk(layout, source)
+    return flat.reshape(layout.shape)
+
+
+def _decode_raw(layout: TensorLayout, source: SegmentSource) -> npt.NDArray[Any]:
+    dtype, count = layout.dtype, layout.count
+    if not _shuffled_raw(layout):
+        if not source.streamed:
+            return np.frombuffer(source.take(layout.length, None), dtype=dtype, count=count)
+        result = np.empty(count, dtype)
+        source.take(layout.length, result.view(np.uint8))  # decompressed in place: no copy
+        return result
+    result = np.empty(count, dtype)
+    # Byte plane p holds byte p of every element: write each plane with a stride.
+    interleaved = result.view(np.uint8).reshape(count, dtype.itemsize)
+    step = _chunk_elements(count, 1)
+    scratch = np.empty(step, np.uint8) if source.streamed else None
+    for plane in range(dtype.itemsize):
+        for start in range(0, count, step):
+            stop = min(count, start + step)
+            chunk = source.take(stop - start, scratch)
+            interleaved[start:stop, plane] = np.frombuffer(chunk, np.uint8)
+    return result
+
+
+def _decode_fp16(layout: TensorLayout, source: SegmentSource) -> npt.NDArray[Any]:
+    count = layout.count
+    result = np.empty(count, layout.dtype)
+    if not layout.shuffle:
+        if not source.streamed:
+            half = np.frombuffer(source.take(2 * count, None), dtype=_HALF, count=count)
+            np.copyto(result, half)
+            return result
+        step = _chunk_elements(count, 2)
+        scratch = np.empty(2 * step, np.uint8)
+        for start in range(0, count, step):
+            stop = min(count, start + step)
+            np.copyto(
+                result[start:stop], np.frombuffer(source.take(2 * (stop - start), scratch), _HALF)
             )
-        dense[indices] = values
-    return dense.reshape(layout.shape)
+        return result
+    # Shuffled: every low byte, then every high byte.  A streamed low plane is parked in
+    # the last ``count`` bytes of the output itself: writing elements [start, stop)
+    # overwrites bytes below ``itemsize * stop <= (itemsize - 1) * count + stop``, so
+    # the low bytes of later elements survive until they are used.
+    parked = result.view(np.uint8)[(layout.dtype.itemsize - 1) * count :]
+    low_plane = np.frombuffer(source.take(count, parked), np.uint8)
+    per = 4 if source.streamed else 2
+    step = _chunk_elements(count, per)
+    values = np.empty(step, _HALF_BITS)
+    low = np.empty(step, np.uint8) if source.streamed else None
+    high_scratch = np.empty(step, np.uint8) if source.streamed else None
+    for start in range(0, count, step):
+        stop = min(count, start + step)
+        size = stop - start
+        lo = low_plane[start:stop]
+        if low is not None:
+            np.copyto(low[:size], lo)  # before this step's output overwrites it
+            lo = low[:size]
+        hi = np.frombuffer(source.take(size, high_scratch), np.uint8)
+        bits = values[:size]
+        np.left_shift(hi, 8, out=bits, dtype=_HALF_BITS)
+        np.bitwise_or(bits, lo, out=bits)
+        np.copyto(result[start:stop], bits.view(_HALF))
+    return result
+
+
+def _int8_scratch(layout: TensorLayout, streamed: bool) -> int:
+    # Bytes per element of one step's scratch: the quantized bytes (streamed) and a
+    # float32 work buffer unless the output itself is float32.
+    return (1 if streamed else 0) + (0 if layout.dtype == _FLOAT32 else 4)
+
+
+def _decode_int8(layout: TensorLayout, source: SegmentSource) -> npt.NDArray[Any]:
+    count, block = layout.count, layout.block
+    nblocks = math.ceil(count / block)
+    into = np.empty(4 * nblocks, np.uint8) if source.streamed else None
+    scales = np.frombuffer(source.take(4 * nblocks, into), dtype="<f4")
+    if not np.isfinite(scales).all():
+        raise MalformedMessageError(f"int8 tensor {layout.name!r} has non-finite scales")
+    result = np.empty(count, layout.dtype)
+    step = _chunk_elements(count, max(1, _int8_scratch(layout, source.streamed)))
+    whole_blocks = block <= step
+    if whole_blocks:
+        step -= step % block  # every step starts on a block boundary
+    scratch = np.empty(step, np.uint8) if source.streamed else None
+    # Dequantised in float32 (what the encoder's error bound assumes), then cast.
+    work_buffer = None if layout.dtype == _FLOAT32 else np.empty(step, _FLOAT32)
+    start = 0
+    while start < count:
+        stop = min(count, start + step)
+        if not whole_blocks:
+            stop = min(stop, (start // block + 1) * block)  # a step stays inside one block
+        out = result[start:stop]
+        work = out if work_buffer is None else work_buffer[: stop - start]
+        np.copyto(work, np.frombuffer(source.take(stop - start, scratch), np.int8))
+        first = start // block
+        if whole_blocks:
+            rows = (stop - start) // block
+            full = rows * block
+            if rows:
+                work[:full].reshape(rows, block)[...] *= scales[first : first + rows, None]
+            if full < stop - start:
+                work[full:] *= scales[first + rows]
+        else:
+            work *= scales[first]
+        if work is not out:
+            np.copyto(out, work)
+        start = stop
+    return result
+
+
+def _decode_topk(layout: TensorLayout, source: SegmentSource) -> npt.NDArray[Any]:
+    count, k, dtype = layout.count, layout.k, layout.dtype
+    into = np.empty(4 * k, np.uint8) if source.streamed else None
+    deltas = np.frombuffer(source.take(4 * k, into), dtype="<u4")
+    if k > 1 and int(deltas[1:].min()) == 0:
+        raise MalformedMessageError(f"topk tensor {layout.name!r}: indices not increasing")
+    dense = np.zeros(count, dtype=dtype)
+    per = 8 + (dtype.itemsize if source.streamed else 0)
+    step = _chunk_elements(k, per)
+    indices = np.empty(step, np.int64)
+    scratch = np.empty(step * dtype.itemsize, np.uint8) if source.streamed else None
+    base = 0
+    for start in range(0, k, step):
+        stop = min(k, start + step)
+        index = indices[: stop - start]
+        np.cumsum(deltas[start:stop], dtype=np.int64, out=index)
+        index += base
+        base = int(index[-1])
+        if base >= count:
+            raise MalformedMessageError(
+                f"topk tensor {layout.name!r}: index {base} beyond {count} elements"
+            )
+        dense[index] = np.frombuffer(source.take((stop - start) * dtype.itemsize, scratch), dtype)
+    return dense

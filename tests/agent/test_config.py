@@ -65,6 +65,10 @@ def test_shipped_example_config_is_valid(tmp_path: Path) -> None:
     for key in ("ca_file", "cert_file", "key_file"):
         (tmp_path / key).write_text("")
         document["broker"][key] = str(tmp_path / key)
+    for name in ("aggregator.pub", "device.sign"):
+        (tmp_path / name).write_text("")
+    document["security"]["aggregator_keys"] = [str(tmp_path / "aggregator.pub")]
+    document["security"]["signing_key"] = str(tmp_path / "device.sign")
     settings = parse_settings(document, str(example))
     assert settings.broker.url.startswith("mqtts://")
     assert settings.client_id == "press-07"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import numpy as np
 
 from fedmq.aggregator.config import AggregatorSettings, load_settings
 from fedmq.aggregator.service import AggregatorService
-from fedmq.aggregator.store import read_records
+from fedmq.aggregator.store import checkpoint_file, read_records
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle import Bundle
 from fedmq.coordinator.records import RoundRecord
@@ -129,6 +130,17 @@ async def running_service(settings: AggregatorSettings) -> AsyncIterator[Aggrega
 
 def records(state_dir: Path) -> list[RoundRecord]:
     return list(read_records(state_dir))
+
+
+def checkpoint_params(state_dir: Path, announcement: RoundAnnouncement) -> dict[str, np.ndarray]:
+    """The model a ``finished`` announcement names, from the aggregator's checkpoint.
+
+    A finished federation clears its retained blobs, so the final model is read where
+    ``fedmq export`` reads it; the announcement must name exactly that blob.
+    """
+    blob = checkpoint_file(state_dir, announcement.round).read_bytes()
+    assert hashlib.sha256(blob).hexdigest() == announcement.params.sha256
+    return {name: np.array(array) for name, array in decode_tensors(blob).items()}
 
 
 async def wait_for(predicate: Any, timeout: float = WAIT, interval: float = 0.02) -> None:

@@ -113,3 +113,28 @@ def test_missing_tls_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "pki" / "ca.pem").unlink()
     with pytest.raises(ConfigError, match=r"ca_file .* does not exist"):
         load_settings(path)
+
+
+def test_the_screening_table_configures_the_coordinator(tmp_path: Path) -> None:
+    defaults = load_settings(_write(tmp_path)).coordinator_config().screening
+    assert (defaults.max_examples, defaults.norm_mode, defaults.norm_factor) == (
+        100_000,
+        "reject",
+        10.0,
+    )
+    assert defaults.max_norm is None
+    text = TOML + '\n[screening]\nmax_examples = 5000\nnorm_mode = "clip"\nmax_norm = 50.0\n'
+    screening = load_settings(_write(tmp_path, text)).coordinator_config().screening
+    assert (screening.max_examples, screening.norm_mode, screening.max_norm) == (
+        5000,
+        "clip",
+        50.0,
+    )
+    for patch, message in [
+        ("max_examples = 0", "max_examples"),
+        ("norm_factor = 1.0", "norm_factor"),
+        ('norm_mode = "warn"', "norm_mode"),
+        ("min_history = 100", "min_history"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_settings(_write(tmp_path, TOML + f"\n[screening]\n{patch}\n"))

@@ -13,6 +13,7 @@ import pytest
 from aggregator.scripted import (
     DeviceProcess,
     ScriptedAgent,
+    checkpoint_params,
     fedavg,
     make_settings,
     random_delta,
@@ -60,7 +61,7 @@ async def test_a_round_closes_at_the_target(
         assert (await a.wait_ack(ua)).reason == "accepted"
         assert (await b.wait_ack(ub)).reason == "accepted"
         finished = await a.wait_round(1, "finished")
-        final = await a.fetch_params(finished)
+        final = checkpoint_params(state, finished)
         late = await c.send_update(1, random_delta(3))
         assert (await c.wait_ack(late)).reason == "round_closed"
     expected = fedavg(base, [(100, random_delta(1)), (300, random_delta(2))])
