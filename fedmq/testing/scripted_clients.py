@@ -112,6 +112,7 @@ class ScriptedConnection:
         client_id: the MQTT client id (default: ``scripted-<random>``).
         will: the last will, if any.
         chunk_size: bytes per update chunk.
+        settings: the whole connection (TLS, identity), instead of ``url``/``client_id``.
     """
 
     def __init__(
@@ -123,6 +124,7 @@ class ScriptedConnection:
         client_id: str | None = None,
         will: LastWill | None = None,
         chunk_size: int = SCRIPTED_CHUNK,
+        settings: BrokerSettings | None = None,
     ) -> None:
         self.federation = federation
         self.topics = Topics(federation)
@@ -132,7 +134,8 @@ class ScriptedConnection:
         self.statuses: list[AggregatorStatus] = []
         self.agent_statuses: list[AgentStatus] = []  # of agents, when subscribed to them
         self.session = MqttSession(
-            BrokerSettings(
+            settings
+            or BrokerSettings(
                 url, client_id or f"scripted-{uuid.uuid4().hex[:8]}", persistent_session=False
             ),
             subscriptions=subscriptions,
