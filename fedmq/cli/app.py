@@ -13,8 +13,9 @@ import sys
 from fedmq import exit_codes
 
 SERVER_EXTRA = "pip install 'fedmq[server]'"
-# Imported by the commands and installed by the server extra (click comes with typer).
-SERVER_EXTRA_MODULES = frozenset({"typer", "click", "rich"})
+# Imported by the commands and installed by the server extra (click comes with typer,
+# cryptography is `fedmq pki`'s).
+SERVER_EXTRA_MODULES = frozenset({"typer", "click", "rich", "cryptography"})
 
 _missing: str | None = None
 try:

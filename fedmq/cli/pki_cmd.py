@@ -379,6 +379,25 @@ def broker_config_command(
     )
 
 
+@pki_app.command("signing-key")
+def signing_key_command(
+    name: Annotated[str, typer.Option(help="file name: aggregator/NAME.sign and NAME.pub")],
+    directory: DirOption = DEFAULT_DIR,
+    force: ForceOption = False,
+) -> None:
+    """Make another aggregator signing key pair, to rotate keys (docs/deploy.md)."""
+    console = _console()
+    with _errors():
+        secret, public = PkiDirectory.open(directory).signing_key(name, force=force)
+    _show_files(
+        console, f"new aggregator signing key [bold]{escape(name)}[/bold]:", [secret, public]
+    )
+    console.print(
+        f"next: add {public.name} to every agent's security.aggregator_keys, then point the "
+        f"aggregator's security.signing_key at {secret.name}"
+    )
+
+
 @pki_app.command("list")
 def list_command(directory: DirOption = DEFAULT_DIR) -> None:
     """Show every certificate issued, newest last."""

@@ -523,6 +523,34 @@ class PkiDirectory:
             )
         return federation_acl(clients, monitors, root)
 
+    def signing_key(self, name: str, *, force: bool = False) -> tuple[Path, Path]:
+        """A further aggregator signing key pair, ``aggregator/<name>.sign`` and ``.pub``.
+
+        For a key rotation: devices pin both public keys for a while (docs/deploy.md).
+
+        Raises:
+            ExistingFilesError: the files exist and ``force`` is false.
+        """
+        check_name(name, "key name")
+        directory = self.layout.aggregator_signing_key.parent
+        secret, public = directory / f"{name}.sign", directory / f"{name}.pub"
+        with self._locked():
+            key = SigningKey.generate()
+            write_planned(
+                [
+                    PlannedFile(
+                        secret,
+                        _key_text(f"aggregator signing key {name} (secret)", key.text()),
+                        secret=True,
+                    ),
+                    PlannedFile(
+                        public, _key_text(f"aggregator public key {name}", key.public.text())
+                    ),
+                ],
+                force=force,
+            )
+        return secret, public
+
     def write_text(self, path: Path, text: str, *, force: bool = False) -> Path:
         """Write a generated public file (the ACL, a broker configuration).
 

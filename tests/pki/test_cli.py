@@ -11,6 +11,7 @@ from typer.testing import CliRunner, Result
 from fedmq.cli.app import app
 from fedmq.exit_codes import CONFIG_ERROR, OK, USAGE
 from fedmq.pki.directory import PkiDirectory
+from fedmq.wire.signing import read_signing_key, read_verify_key
 
 FEDERATION = "line-3"
 
@@ -220,3 +221,17 @@ def test_broker_config_refuses_a_queue_mosquitto_cannot_express(pki_dir: Path) -
     assert result.exit_code == CONFIG_ERROR
     assert "max_queued_bytes" in result.output
     assert "memory_limit" in result.output
+
+
+def test_signing_key_makes_a_second_pair_for_a_rotation(pki_dir: Path) -> None:
+    old = (pki_dir / "aggregator" / "aggregator.sign").read_bytes()
+    result = run("signing-key", "--name", "aggregator-2", "--dir", str(pki_dir))
+    assert result.exit_code == OK, result.output
+    secret = pki_dir / "aggregator" / "aggregator-2.sign"
+    assert secret.stat().st_mode & 0o777 == 0o600
+    key = read_signing_key(secret)
+    assert read_verify_key(pki_dir / "aggregator" / "aggregator-2.pub") == key.public
+    assert (pki_dir / "aggregator" / "aggregator.sign").read_bytes() == old
+    again = run("signing-key", "--name", "aggregator-2", "--dir", str(pki_dir))
+    assert again.exit_code == CONFIG_ERROR
+    assert "--force" in again.output
