@@ -50,7 +50,7 @@ from fedmq.transport.blobs import BlobReceiver
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import AgentState, encode_control
+from fedmq.wire.control import AgentState, ResendRequest, encode_control
 from fedmq.wire.signing import SignatureError
 from fedmq.wire.topics import AckTopic, BlobChunkTopic, RoundTopic, Topics
 
@@ -412,4 +412,7 @@ class Agent:
         except DecodeError as exc:
             log.warning("ignoring malformed ack: %s", exc)
             return
-        jobs.uploader.on_ack(ack)
+        if isinstance(ack, ResendRequest):
+            jobs.uploader.on_resend(ack)
+        else:
+            jobs.uploader.on_ack(ack)

@@ -16,7 +16,7 @@ import logging
 
 from edge_agent.state import StateDir
 from fedmq.buffers import Buffer
-from fedmq.wire.control import Ack, RoundAnnouncement, decode_control
+from fedmq.wire.control import Ack, ResendRequest, RoundAnnouncement, control_type, decode_control
 from fedmq.wire.signing import ReplayedMessageError, TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -63,11 +63,15 @@ class ControlTrust:
             log.error("cannot record the announcement time in the state directory: %s", exc)
         return announcement
 
-    def ack(self, payload: Buffer) -> Ack:
-        """A verified ack (whether it names an update we sent is the uploader's check).
+    def ack(self, payload: Buffer) -> Ack | ResendRequest:
+        """A verified message of our ack topic: an ack, or a request for missing chunks.
+
+        Whether it names an update we sent is the uploader's check.
 
         Raises:
             DecodeError: malformed.
             SignatureError: unsigned, forged or signed by another key.
         """
+        if control_type(payload) == ResendRequest.TYPE:
+            return decode_control(payload, ResendRequest, trusted=self.trusted)
         return decode_control(payload, Ack, trusted=self.trusted)

@@ -11,6 +11,8 @@ outbox (on disk, so all of this resumes after a restart):
 2. **Ack.**  The agent hands every decoded ack to :meth:`Uploader.on_ack`;
    :func:`~edge_agent.decisions.decide_ack` says whether it settles an entry we hold.
    Whatever the verdict, a settled entry leaves the outbox.
+   A resend request (the aggregator saw the upload stall with chunks missing: a broker
+   dropped them) makes :meth:`Uploader.on_resend` queue just those chunks.
 3. **Finished.**  When the federation is over, :meth:`Uploader.drop_outbox` drops every
    entry: no aggregator will ever ack them.
 
@@ -29,7 +31,7 @@ from fedmq.errors import TransportError
 from fedmq.timeouts import wait_event
 from fedmq.transport.blobs import fit_chunk_size, publish_chunks
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import Ack
+from fedmq.wire.control import Ack, ResendRequest
 from fedmq.wire.signing import update_statement
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Uploader:
         self._context = context
         self._outbox = context.state_dir.outbox
         self._records: dict[str, SendRecord] = {}  # in memory: a restart sends again
+        self._resends: dict[str, tuple[BlobRef, set[int]]] = {}  # chunks asked for again
 
     # -- called by the agent --------------------------------------------------------
 
@@ -72,6 +75,32 @@ class Uploader:
             context.status_changed.set()
         context.outbox_kick.set()
 
+    def on_resend(self, request: ResendRequest) -> None:
+        """Queue the chunks the aggregator says it is missing, if we hold that update."""
+        entry = self._outbox.get(request.update_id)
+        context = self._context
+        if (
+            entry is None
+            or request.client != context.client
+            or request.federation != context.settings.federation
+            or entry.round != request.round
+            or entry.ref.sha256 != request.sha256
+        ):
+            log.debug("ignoring resend request for update %s: not ours", request.update_id)
+            return
+        ref = BlobRef(entry.ref.sha256, entry.ref.size, request.chunk_size)
+        wanted = {index for index in request.missing if index < ref.count}
+        if not wanted:
+            return
+        _, queued = self._resends.get(request.update_id, (ref, set()))
+        self._resends[request.update_id] = (ref, queued | wanted)
+        log.info(
+            "the aggregator is missing %d chunk(s) of update %s: sending them again",
+            len(wanted),
+            request.update_id,
+        )
+        context.outbox_kick.set()
+
     def drop_outbox(self, why: str) -> None:
         """Drop every entry (the federation finished: nobody will ack them)."""
         for entry in self._outbox.entries():
@@ -86,7 +115,7 @@ class Uploader:
         settings = context.settings.outbox
         while True:
             wake_at: float | None = None
-            sent = False
+            sent = await self._send_requested()
             for entry in self._outbox.entries():
                 record = self._records.setdefault(entry.update_id, SendRecord())
                 now = context.clock()
@@ -116,9 +145,24 @@ class Uploader:
             await wait_event(context.outbox_kick, timeout)
             context.outbox_kick.clear()
 
+    async def _send_requested(self) -> bool:
+        """Send the chunks asked for by resend requests; True if anything was sent."""
+        context = self._context
+        sent = False
+        while self._resends and context.session.is_connected and not context.is_stopping():
+            update_id, (ref, indices) = self._resends.popitem()
+            entry = self._outbox.get(update_id)
+            if entry is None:
+                continue
+            record = self._records.setdefault(update_id, SendRecord())
+            await self._send(entry, record, ref=ref, indices=indices)
+            sent = True
+        return sent
+
     def _remove(self, update_id: str) -> None:
         self._outbox.remove(update_id)
         self._records.pop(update_id, None)
+        self._resends.pop(update_id, None)
 
     def _drop(self, entry: OutboxEntry, why: str, level: int = logging.INFO) -> None:
         log.log(level, "dropping update %s for round %d: %s", entry.update_id, entry.round, why)
@@ -139,7 +183,15 @@ class Uploader:
         )
         return key.sign(statement)
 
-    async def _send(self, entry: OutboxEntry, record: SendRecord) -> None:
+    async def _send(
+        self,
+        entry: OutboxEntry,
+        record: SendRecord,
+        *,
+        ref: BlobRef | None = None,
+        indices: set[int] | None = None,
+    ) -> None:
+        """Send ``entry`` (only chunks ``indices`` of ``ref``, for a resend request)."""
         context = self._context
         session = context.session
         try:
@@ -147,9 +199,11 @@ class Uploader:
         except FileNotFoundError:
             return  # acked (and deleted) meanwhile
         connection = session.connections
-        # The announced chunk size may not fit this device's view of the broker's cap.
-        fitted = fit_chunk_size(entry.ref.chunk_size, session.max_packet_size, context.topics)
-        ref = BlobRef(entry.ref.sha256, entry.ref.size, fitted)
+        if ref is None:
+            # The announced chunk size may not fit this device's view of the broker's cap.
+            fitted = fit_chunk_size(entry.ref.chunk_size, session.max_packet_size, context.topics)
+            ref = BlobRef(entry.ref.sha256, entry.ref.size, fitted)
+        total = ref.count if indices is None else len(indices)
         context.uploading = True
         if context.status.state in ("idle", "online", "uploading"):
             context.status.set("uploading", entry.round, 0.0)
@@ -160,12 +214,13 @@ class Uploader:
             nonlocal sent
             sent += 1
             if context.status.state == "uploading":
-                context.status.report_progress(sent, ref.count)
+                context.status.report_progress(sent, total)
 
         log.info(
-            "sending update %s for round %d (%d chunks)%s",
+            "sending update %s for round %d (%d of %d chunks)%s",
             entry.update_id,
             entry.round,
+            total,
             ref.count,
             f", attempt {record.sends + 1}" if record.sends else "",
         )
@@ -181,6 +236,7 @@ class Uploader:
                 round_id=entry.round,
                 update_id=entry.update_id,
                 signature=self._signature(entry),
+                indices=indices,
                 on_chunk=on_chunk,
             )
         except ExceptionGroup as group:  # publish_chunks runs a TaskGroup

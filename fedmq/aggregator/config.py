@@ -17,7 +17,7 @@ from pydantic_settings import SettingsConfigDict
 from fedmq.aggregator.devices import DeviceRegistry
 from fedmq.aggregator.retention import DEFAULT_KEEP_EVERY, DEFAULT_KEEP_LAST, CheckpointRetention
 from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
-from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
+from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_RESEND_AFTER, DEFAULT_TTL
 from fedmq.coordinator.policy import (
     DEFAULT_DEADLINE,
     DEFAULT_DEDUPE_ROUNDS,
@@ -200,6 +200,9 @@ class AggregatorSettings(EnvFirstSettings):
     reconnect_settle_s: float = Field(DEFAULT_RECONNECT_SETTLE, ge=0)
     max_pending_updates: int = Field(DEFAULT_MAX_PENDING, ge=1)
     pending_ttl_s: float = Field(DEFAULT_TTL, gt=0)
+    resend_after_s: float = Field(
+        DEFAULT_RESEND_AFTER, gt=0, description="idle seconds before missing chunks are asked for"
+    )
     dedupe_rounds: int = Field(DEFAULT_DEDUPE_ROUNDS, ge=1)
     status_interval_s: float = Field(STATUS_INTERVAL, gt=0)
     shutdown_grace_s: float = Field(SHUTDOWN_GRACE, ge=0)
@@ -282,6 +285,7 @@ class AggregatorSettings(EnvFirstSettings):
             pending_ttl_s=self.pending_ttl_s,
             dedupe_rounds=self.dedupe_rounds,
             max_agents=self.max_agents,
+            resend_after_s=self.resend_after_s,
             security=security,
             screening=self.screening.policy(),
         )

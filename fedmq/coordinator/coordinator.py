@@ -57,12 +57,14 @@ from fedmq.coordinator.rules import rules_for
 from fedmq.coordinator.screening import training_fingerprint
 from fedmq.coordinator.snapshot import Snapshot
 from fedmq.coordinator.state import FederationState, Params
+from fedmq.coordinator.status_report import StatusReport
 from fedmq.coordinator.update_desk import UpdateDesk
 from fedmq.coordinator.validation import UpdateRejection, UpdateSchema, VerifiedUpdate
 from fedmq.errors import ConfigError, DecodeError, StateError
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import (
+    MAX_MISSING_LISTED,
     AgentStatus,
     AggregatorStatus,
     encode_control,
@@ -125,6 +127,7 @@ class Coordinator:
             max_pending=config.max_pending_updates,
             ttl_s=config.pending_ttl_s,
             devices=devices,
+            resend_after_s=config.resend_after_s,
         )
         self.state = FederationState(
             params=dict(params),
@@ -143,6 +146,7 @@ class Coordinator:
         )
         self.blob_guard = BlobGuard(config.aggregator_id)
         self.desk = UpdateDesk(config, self.topics, self.roster, strategy, self.state, self.flow)
+        self.report = StatusReport()  # traffic, last round, recent refusals (for the status)
         self._restored = False
         self._reported: StatusKey | None = None  # status last announced by StatusChanged
         self._armed: float | None = None  # wake-up last asked for by ArmTimer
@@ -384,6 +388,7 @@ class Coordinator:
 
     def receive_chunk(self, topic: UpdateChunkTopic, payload: Buffer, now: float) -> list[Action]:
         """One message arrived on ``update/<client>/<round>/<i>``."""
+        self.report.received(len(payload))
         event = self.intake.receive(
             topic, payload, now, lambda header: self.desk.admit(header, now)
         )
@@ -469,6 +474,8 @@ class Coordinator:
         actions: list[Action] = []
         for problem in self.intake.expire(now):
             actions.extend(self.desk.chunk_problem(problem))
+        for due in self.intake.resend_due(now):
+            actions.append(self.desk.resend_request(due, now))
         actions.extend(self.flow.apply_rules(now))
         return self._end_input(actions, now, rearm=True)
 
@@ -483,16 +490,27 @@ class Coordinator:
     def status(self, now: float) -> AggregatorStatus:
         """A snapshot for the retained ``aggregator/status`` topic."""
         r = self.state.round
+        collecting = r.phase == "collecting"
+        missing = sorted(r.outstanding()) if collecting else []
+        report = self.report
         return AggregatorStatus(
             aggregator=self.config.aggregator_id,
             state=r.phase,
             round=r.number,
-            deadline=r.deadline if r.phase == "collecting" else None,
+            deadline=r.deadline if collecting else None,
             received=len(r.contributions),
             expected=r.target,
             rejected=dict(r.rejected),
             metrics=dict(self.state.last_metrics),
             ts=now,
+            rounds=self.config.rounds,
+            opened_at=r.opened_at if collecting else None,
+            missing=missing[:MAX_MISSING_LISTED],
+            missing_count=len(missing),
+            bytes_in=report.round.bytes_in,
+            bytes_out=report.round.bytes_out,
+            last_round=report.last_round,
+            recent_rejections=report.recent_rejections,
         )
 
     def next_wakeup(self, now: float) -> float | None:
@@ -534,6 +552,7 @@ class Coordinator:
         wake-up moved earlier; a wake-up that moved later needs nothing, because waking
         early is harmless: :meth:`on_timer` finds nothing due and re-arms.
         """
+        self.report.observe(actions)
         key = self._status_key()
         if key != self._reported:
             self._reported = key

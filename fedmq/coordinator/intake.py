@@ -29,7 +29,7 @@ from fedmq.coordinator.validation import UpdateKey
 from fedmq.errors import DecodeError, IntegrityError, LimitExceededError
 from fedmq.wire.blobs import BlobAssembler, BlobRef
 from fedmq.wire.chunks import ChunkHeader, decode_chunk
-from fedmq.wire.control import AckReason
+from fedmq.wire.control import MAX_RESEND_INDICES, AckReason
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
 from fedmq.wire.signing import VerifyKey, update_statement
 from fedmq.wire.topics import UpdateChunkTopic
@@ -38,6 +38,11 @@ DEFAULT_MAX_PENDING = 64  # updates in reassembly at once: a burst of 50 agents 
 DEFAULT_MAX_PENDING_PER_CLIENT = 2  # an agent re-sending under a new id replaces, not adds
 DEFAULT_TTL = 120.0  # seconds without a chunk before a partial update is dropped
 REFUSED_PER_SLOT = 4  # refused updates ticked off per reassembly slot before forgetting
+# seconds without a chunk before an admitted, incomplete update's missing chunks are asked
+# for: an upload streams its chunks back to back, so a pause this long means some were
+# dropped on the way (a broker past its queue limit drops them silently).
+DEFAULT_RESEND_AFTER = 1.0
+MAX_RESEND_DOUBLINGS = 4  # later requests for one update wait up to 16x as long
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,17 @@ class _Pending:
     seen: bytearray = field(default_factory=bytearray)
     unseen: int = 0
     signature: bytes | None = None
+    resend_at: float | None = None  # when to ask for the missing chunks (admitted only)
+    resends: int = 0
+
+
+@dataclass(frozen=True)
+class ResendDue:
+    """Ask ``key``'s sender for the chunks of ``ref`` at ``missing``."""
+
+    key: UpdateKey
+    ref: BlobRef
+    missing: list[int]
 
 
 class UpdateIntake:
@@ -108,6 +124,7 @@ class UpdateIntake:
         max_pending_per_client: updates of one agent in reassembly at once.
         ttl_s: idle seconds before a partial update is dropped.
         devices: the device registry (None: updates are not signature-checked).
+        resend_after_s: idle seconds before the missing chunks of an update are asked for.
     """
 
     def __init__(
@@ -120,8 +137,10 @@ class UpdateIntake:
         max_pending_per_client: int = DEFAULT_MAX_PENDING_PER_CLIENT,
         ttl_s: float = DEFAULT_TTL,
         devices: Mapping[str, VerifyKey] | None = None,
+        resend_after_s: float = DEFAULT_RESEND_AFTER,
     ) -> None:
         self.federation = federation
+        self.resend_after_s = resend_after_s
         self.devices = devices
         self.limits = limits
         self.max_update_bytes = max_update_bytes
@@ -188,6 +207,10 @@ class UpdateIntake:
                 return started
             entry = started
         entry.last_seen = now
+        if entry.assembler is not None:
+            entry.resend_at = now + self.resend_after_s * 2 ** min(
+                entry.resends, MAX_RESEND_DOUBLINGS
+            )
         return self._add(slot, entry, header.index, chunk.payload)
 
     def _check_header(self, topic: UpdateChunkTopic, header: ChunkHeader) -> ChunkProblem | None:
@@ -328,7 +351,23 @@ class UpdateIntake:
             )
         return problems
 
+    def resend_due(self, now: float) -> list[ResendDue]:
+        """Admitted updates idle long enough to ask their senders for what is missing."""
+        due = []
+        for entry in self._pending.values():
+            if entry.resend_at is None or entry.resend_at > now or entry.assembler is None:
+                continue
+            entry.resends += 1
+            wait = self.resend_after_s * 2 ** min(entry.resends, MAX_RESEND_DOUBLINGS)
+            entry.resend_at = now + wait
+            missing = entry.assembler.missing()[:MAX_RESEND_INDICES]
+            if missing:
+                due.append(ResendDue(entry.key, entry.ref, missing))
+        return due
+
     def next_expiry(self) -> float | None:
-        """When the next partial update would expire."""
+        """When the next partial update would expire or be asked for its missing chunks."""
         entries = [*self._pending.values(), *self._refused.values()]
-        return min((p.last_seen + self.ttl_s for p in entries), default=None)
+        times = [p.last_seen + self.ttl_s for p in entries]
+        times.extend(p.resend_at for p in self._pending.values() if p.resend_at is not None)
+        return min(times, default=None)

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_TTL
+from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_RESEND_AFTER, DEFAULT_TTL
 from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
 from fedmq.coordinator.screening import ScreeningPolicy
 from fedmq.coordinator.selection import SelectAll, Selection
@@ -180,6 +180,7 @@ class CoordinatorConfig:
         pending_ttl_s: idle seconds before a partial update is dropped.
         dedupe_rounds: closed rounds whose update ids still get ``duplicate`` acks.
         max_agents: agents the roster tracks at most (statuses of more are ignored).
+        resend_after_s: an update in reassembly idle this long gets a resend request.
         security: signing key and device registry (None: unsigned, development only).
         screening: example-count cap and update-norm screen (``[screening]``).
     """
@@ -205,6 +206,7 @@ class CoordinatorConfig:
     pending_ttl_s: float = DEFAULT_TTL
     dedupe_rounds: int = DEFAULT_DEDUPE_ROUNDS
     max_agents: int = DEFAULT_MAX_AGENTS
+    resend_after_s: float = DEFAULT_RESEND_AFTER
     security: SecurityPolicy | None = None
     screening: ScreeningPolicy = field(default_factory=ScreeningPolicy)
 

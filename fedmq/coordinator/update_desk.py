@@ -15,7 +15,7 @@ import numpy as np
 
 from fedmq.coordinator.actions import Action, Noted, Publish, Ticket, UpdateRejected
 from fedmq.coordinator.admission import Ignore, decide
-from fedmq.coordinator.intake import ChunkProblem, Verdict
+from fedmq.coordinator.intake import ChunkProblem, ResendDue, Verdict
 from fedmq.coordinator.policy import CoordinatorConfig
 from fedmq.coordinator.records import Contribution
 from fedmq.coordinator.roster import Roster
@@ -28,7 +28,7 @@ from fedmq.coordinator.validation import UpdateKey, VerifiedUpdate
 from fedmq.strategies.layout import TensorMap
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.chunks import ChunkHeader
-from fedmq.wire.control import Ack, encode_control
+from fedmq.wire.control import Ack, ResendRequest, encode_control
 from fedmq.wire.topics import Topics
 
 
@@ -127,6 +127,21 @@ class UpdateDesk:
             ts=now,
         )
         return Publish(self.topics.ack(key.client), encode_control(ack, self.config.signer))
+
+    def resend_request(self, due: ResendDue, now: float) -> Publish:
+        """Ask an agent for the chunks of its update that never arrived (signed)."""
+        request = ResendRequest(
+            federation=self.config.federation,
+            client=due.key.client,
+            round=due.key.round,
+            update_id=due.key.update_id,
+            sha256=due.ref.sha256,
+            chunk_size=due.ref.chunk_size,
+            missing=due.missing,
+            ts=now,
+        )
+        payload = encode_control(request, self.config.signer)
+        return Publish(self.topics.ack(due.key.client), payload)
 
     def commit(self, ticket: Ticket, now: float) -> list[Action]:
         """Fold a durable ticket's update into the round, remember it, ack it."""

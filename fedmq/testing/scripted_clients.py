@@ -41,7 +41,9 @@ from fedmq.wire.control import (
     Ack,
     AgentStatus,
     AggregatorStatus,
+    ResendRequest,
     RoundAnnouncement,
+    control_type,
     decode_control,
     encode_control,
 )
@@ -131,6 +133,7 @@ class ScriptedConnection:
         self.chunk_size = chunk_size
         self.rounds: list[RoundAnnouncement] = []
         self.acks: list[Ack] = []
+        self.resend_requests: list[ResendRequest] = []
         self.statuses: list[AggregatorStatus] = []
         self.agent_statuses: list[AgentStatus] = []  # of agents, when subscribed to them
         self.session = MqttSession(
@@ -170,6 +173,8 @@ class ScriptedConnection:
         payload = message.payload
         if isinstance(parsed, RoundTopic) and payload:
             self.rounds.append(decode_control(payload, RoundAnnouncement))
+        elif isinstance(parsed, AckTopic) and control_type(payload) == ResendRequest.TYPE:
+            self.resend_requests.append(decode_control(payload, ResendRequest))
         elif isinstance(parsed, AckTopic):
             self.acks.append(decode_control(payload, Ack))
         elif isinstance(parsed, AggregatorStatusTopic) and payload:

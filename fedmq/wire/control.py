@@ -147,6 +147,29 @@ class Ack(ControlMessage):
     ts: Timestamp
 
 
+MAX_RESEND_INDICES = 4096  # chunk indices one resend request names; more: the next asks
+
+
+class ResendRequest(ControlMessage):
+    """The aggregator asks an agent for chunks of an update it is still missing.
+
+    Sent on ``…/ack/<client>`` (signed, like acks) when an update in reassembly has had
+    no chunk for a while: the broker may have dropped some (queues overflow silently).
+    The agent re-sends only ``missing``, if it holds the update.
+    """
+
+    TYPE: ClassVar[str] = "resend"
+    type: Literal["resend"] = "resend"
+    federation: Identifier
+    client: Identifier
+    round: RoundNumber
+    update_id: Identifier
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="the update blob being sent")
+    chunk_size: int = Field(ge=1024, description="the chunking the indices refer to")
+    missing: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=MAX_RESEND_INDICES)
+    ts: Timestamp
+
+
 AgentState = Literal["online", "idle", "downloading", "training", "uploading", "offline"]
 
 
@@ -169,9 +192,50 @@ class AgentStatus(ControlMessage):
 AggregatorState = Literal["waiting", "collecting", "finished", "offline"]
 """A round phase, or ``offline`` (the last will, or a clean shutdown)."""
 
+MAX_MISSING_LISTED = 50
+"""Ids ``AggregatorStatus.missing`` names at most (``missing_count`` has them all)."""
+MAX_RECENT_REJECTIONS = 10
+"""Rejections ``AggregatorStatus.recent_rejections`` keeps (the newest)."""
+Bytes = Annotated[int, Field(ge=0)]
+
+
+class _Part(BaseModel):
+    """A nested object of a control message: as strict as the message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoundSummary(_Part):
+    """How the last round ended, in ``AggregatorStatus.last_round``."""
+
+    round: RoundNumber
+    outcome: Literal["closed", "failed"]
+    reason: str = Field(max_length=128, description="target, deadline, no_quorum, …")
+    duration_s: float = Field(ge=0, allow_inf_nan=False, description="opened to closed")
+    updates: int = Field(0, ge=0, description="updates folded into the round")
+    rejected: int = Field(0, ge=0, description="rejections, every reason")
+    bytes_in: Bytes = Field(0, description="update chunk bytes received during the round")
+    bytes_out: Bytes = Field(0, description="blob and control bytes published during it")
+
+
+class RecentRejection(_Part):
+    """One refused update or chunk, in ``AggregatorStatus.recent_rejections``."""
+
+    client: Identifier
+    round: RoundNumber
+    reason: str = Field(max_length=64)
+    detail: str = Field("", max_length=200)
+
 
 class AggregatorStatus(ControlMessage):
-    """The aggregator's retained status on ``…/aggregator/status``."""
+    """The aggregator's retained status on ``…/aggregator/status``.
+
+    What an operator needs without the state directory: the round and its phase,
+    deadline, received/expected, rejections per reason (and the newest few), which
+    selected agents have not answered yet, the current round's traffic and how the last
+    round ended.  Every field after ``ts`` was added within version 1 and has a default,
+    so statuses of older aggregators still decode.
+    """
 
     TYPE: ClassVar[str] = "aggregator_status"
     type: Literal["aggregator_status"] = "aggregator_status"
@@ -182,8 +246,24 @@ class AggregatorStatus(ControlMessage):
     received: int = Field(0, ge=0)
     expected: int = Field(0, ge=0)
     rejected: dict[str, int] = Field(default_factory=dict)
-    metrics: dict[str, float] = Field(default_factory=dict)
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="the last closed round's example-weighted metrics"
+    )
     ts: Timestamp
+    rounds: int | None = Field(None, ge=1, description="rounds the federation runs")
+    opened_at: Timestamp | None = Field(None, description="when the collecting round opened")
+    missing: list[Identifier] = Field(
+        default_factory=list,
+        max_length=MAX_MISSING_LISTED,
+        description="selected agents that have not answered yet (the first ones, sorted)",
+    )
+    missing_count: int = Field(0, ge=0, description="how many selected agents have not answered")
+    bytes_in: Bytes = Field(0, description="update chunk bytes received in this round so far")
+    bytes_out: Bytes = Field(0, description="blob and control bytes published in this round")
+    last_round: RoundSummary | None = None
+    recent_rejections: list[RecentRejection] = Field(
+        default_factory=list, max_length=MAX_RECENT_REJECTIONS
+    )
 
 
 M = TypeVar("M", bound=ControlMessage)
@@ -198,6 +278,23 @@ def encode_control(message: ControlMessage, signer: SigningKey | None = None) ->
         return json.dumps(data, separators=(",", ":"), allow_nan=False).encode()
     except ValueError as exc:
         raise LocalProtocolError(f"cannot encode {message.TYPE}: {exc}") from exc
+
+
+def control_type(data: Buffer) -> str | None:
+    """The ``type`` of a JSON control message, without validating it (None: unreadable).
+
+    For topics that carry more than one kind (an agent's ack topic: acks and resend
+    requests); :func:`decode_control` then checks the message properly.
+    """
+    view = memoryview(data).cast("B")
+    if len(view) > DEFAULT_LIMITS.max_control_bytes:
+        return None
+    try:
+        document = json.loads(bytes(view), parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return None
+    kind = document.get("type") if isinstance(document, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def _reject_constant(name: str) -> float:
@@ -251,5 +348,11 @@ def decode_control(
 
 def control_schemas() -> dict[str, dict[str, Any]]:
     """JSON schemas of every control message, keyed by message type."""
-    kinds: list[type[ControlMessage]] = [RoundAnnouncement, Ack, AgentStatus, AggregatorStatus]
+    kinds: list[type[ControlMessage]] = [
+        RoundAnnouncement,
+        Ack,
+        ResendRequest,
+        AgentStatus,
+        AggregatorStatus,
+    ]
     return {kind.TYPE: kind.model_json_schema() for kind in kinds}
