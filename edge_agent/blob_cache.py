@@ -40,6 +40,11 @@ _PARTIAL = "partial"
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def blob_dir(root: Path) -> Path:
+    """Where the complete blobs of the cache at ``root`` live (read without opening it)."""
+    return root / _BLOBS
+
+
 def _mb(size: int) -> str:
     return f"{size / 2**20:.1f} MB"
 
@@ -219,7 +224,7 @@ class BlobCache:
 
     def blob_path(self, sha256: str) -> Path:
         """Where the complete blob ``sha256`` lives."""
-        return self.root / _BLOBS / sha256
+        return blob_dir(self.root) / sha256
 
     def partial_dir(self, sha256: str) -> Path:
         """Where the chunks of blob ``sha256`` gather while it downloads."""

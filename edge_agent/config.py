@@ -17,6 +17,7 @@ from pydantic_settings import SettingsConfigDict
 
 from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_paths
 from fedmq.errors import ConfigError
+from fedmq.log_format import LogFormat
 from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection
 from fedmq.transport.mqtt import BrokerSettings
 from fedmq.wire.ids import Identifier, TopicRoot
@@ -119,6 +120,24 @@ class OutboxConfig(_Section):
     max_age_s: float = Field(DEFAULT_OUTBOX_MAX_AGE, gt=0)
 
 
+class MetricsConfig(_Section):
+    """``[metrics]``: a Prometheus node_exporter textfile, rewritten after every round."""
+
+    textfile: Path | None = Field(
+        None,
+        description="e.g. /var/lib/node_exporter/textfile_collector/fedmq_agent.prom (None: off)",
+    )
+
+    @model_validator(mode="after")
+    def _prom(self) -> MetricsConfig:
+        if self.textfile is not None and self.textfile.suffix != ".prom":
+            raise ValueError(
+                f"metrics.textfile {str(self.textfile)!r} must end in .prom "
+                "(node_exporter reads only those)"
+            )
+        return self
+
+
 class SecurityConfig(_Section):
     """``[security]``: the aggregator's pinned key and this device's signing key.
 
@@ -174,10 +193,12 @@ class AgentSettings(EnvFirstSettings):
     threads: int = Field(1, ge=1, le=MAX_THREADS, description="onnxruntime intra-op threads")
     heartbeat_s: float = Field(DEFAULT_HEARTBEAT, ge=0.05, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: LogFormat = Field("text", description="text, or json: one object per line")
     broker: BrokerSection
     data: DataConfig
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     security: SecurityConfig | None = None
 
     def broker_settings(self) -> BrokerSettings:
@@ -211,6 +232,7 @@ def load_settings(path: Path) -> AgentSettings:
     resolve_paths(base, document, ("state_dir",))
     resolve_paths(base, document.get("data"), ("path", "module_path"))
     resolve_paths(base, document.get("broker"), TLS_FILE_KEYS)
+    resolve_paths(base, document.get("metrics"), ("textfile",))
     security = document.get("security")
     resolve_paths(base, security, ("signing_key",))
     if isinstance(security, dict) and isinstance(security.get("aggregator_keys"), list):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from edge_agent.blob_cache import BlobCache
 from edge_agent.config import AgentSettings
@@ -40,6 +40,35 @@ class Counters:
     updates_dropped: int = 0
     uploads: int = 0
     refused_messages: int = 0  # control messages refused: unsigned, forged, replayed
+
+
+@dataclass
+class AggregatorPresence:
+    """What the agent last heard of the aggregator's retained status.
+
+    Uploads wait for an aggregator known to be subscribed: after a broker restart the
+    agent is often back before the aggregator, and chunks sent then are lost.
+    """
+
+    seen: bool = False  # any aggregator status ever (brokers or ACLs may hide it)
+    online: bool = False
+    connection: int = 0  # our connection number when it last said it was online
+    restarts: int = 0  # offline -> online transitions seen
+
+    def update(self, state: str, connection: int) -> bool:
+        """Record a status; True if the aggregator just came (back) online."""
+        came_back = state != "offline" and (not self.online or connection != self.connection)
+        if came_back and self.seen:
+            self.restarts += 1
+        self.seen = True
+        self.online = state != "offline"
+        if self.online:
+            self.connection = connection
+        return came_back
+
+    def ready(self, connection: int) -> bool:
+        """Whether to upload now, on our connection number ``connection``."""
+        return not self.seen or (self.online and self.connection == connection)
 
 
 @dataclass
@@ -72,6 +101,7 @@ class AgentContext:
     trust: ControlTrust
     device_key: SigningKey | None = None
     uploading: bool = False
+    aggregator: AggregatorPresence = field(default_factory=AggregatorPresence)
 
     @property
     def client(self) -> str:

@@ -52,7 +52,7 @@ from fedmq.transport.mqtt import LastWill, MqttSession
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import AgentState, ResendRequest, encode_control
 from fedmq.wire.signing import SignatureError
-from fedmq.wire.topics import AckTopic, BlobChunkTopic, RoundTopic, Topics
+from fedmq.wire.topics import AckTopic, AggregatorStatusTopic, BlobChunkTopic, RoundTopic, Topics
 
 __all__ = [
     "OFFLINE_PUBLISH_TIMEOUT",
@@ -260,7 +260,11 @@ class Agent:
         )
         session = MqttSession(
             settings.broker_settings(),
-            subscriptions=[(self.topics.round(), 1), (self.topics.ack(self.client), 1)],
+            subscriptions=[
+                (self.topics.round(), 1),
+                (self.topics.ack(self.client), 1),
+                (self.topics.aggregator_status(), 1),  # uploads wait for it to be online
+            ],
             will=will,
             on_connect=self._on_connect,
         )
@@ -381,6 +385,8 @@ class Agent:
                 self._on_announcement(jobs, payload)
         elif isinstance(parsed, AckTopic) and parsed.client == self.client:
             self._on_ack(jobs, payload)
+        elif isinstance(parsed, AggregatorStatusTopic) and payload:
+            self._on_aggregator_status(jobs, payload)
 
     def _on_announcement(self, jobs: _Jobs, payload: bytes | bytearray) -> None:
         try:
@@ -401,6 +407,21 @@ class Agent:
         if isinstance(jobs.rounds.offer(announcement), Finished):
             jobs.uploader.drop_outbox("the federation finished")
             jobs.context.set_state("idle")
+
+    def _on_aggregator_status(self, jobs: _Jobs, payload: bytes | bytearray) -> None:
+        context = jobs.context
+        try:
+            status = context.trust.aggregator_status(payload)
+        except SignatureError as exc:
+            self._counters.refused_messages += 1
+            log.warning("refusing aggregator status: %s", exc)
+            return
+        except DecodeError as exc:
+            log.debug("ignoring malformed aggregator status: %s", exc)
+            return
+        if context.aggregator.update(status.state, context.session.connections):
+            # It is subscribed (again): whatever it has not acknowledged goes out now.
+            jobs.uploader.resume(f"the aggregator is {status.state}")
 
     def _on_ack(self, jobs: _Jobs, payload: bytes | bytearray) -> None:
         try:

@@ -16,6 +16,10 @@ from edge_agent.outbox import OutboxEntry
 from fedmq.wire.control import Ack, RoundAnnouncement
 
 MAX_BACKOFF_DOUBLINGS = 4  # re-sends of one update back off to 16x the ack timeout at most
+# A re-send wait never exceeds this share of the time left to the round's deadline (but
+# is at least MIN_RESEND_WAIT): an unanswered upload is retried several times in time.
+DEADLINE_SHARE = 0.25
+MIN_RESEND_WAIT = 2.0  # seconds
 
 # Rejections meaning "this round no longer takes updates": re-sending cannot help.
 ROUND_OVER_REASONS = frozenset({"round_closed", "stale_round"})
@@ -143,11 +147,16 @@ def decide_ack(ack: Ack, *, client: str, federation: str, entry: OutboxEntry | N
 
 @dataclass
 class SendRecord:
-    """When an outbox entry was last sent in full, on which connection."""
+    """When an outbox entry was last sent in full, on which connection.
+
+    ``jitter`` (in [0.5, 1], drawn at each send) scales the next wait, so devices that
+    lost their uploads together do not re-send together.
+    """
 
     sent_at: float | None = None
     connection: int | None = None
     sends: int = 0
+    jitter: float = 1.0
 
 
 SendAction = Literal["send", "wait", "expire"]
@@ -166,8 +175,10 @@ def outbox_action(
 
     An update is sent once per broker connection (a reconnect may have lost chunks the
     broker had acknowledged but not delivered), and again when no ack came within the
-    ack timeout, doubling the wait each time.  Past ``max_age`` it is expired: the
-    aggregator's round is long over.
+    ack timeout, doubling the wait each time, but never waiting more than a quarter of
+    the time its round had left (at least ``MIN_RESEND_WAIT``), jittered by the
+    record's ``jitter``.  Past ``max_age`` it is expired: the aggregator's round is long
+    over.
 
     Returns:
         The action and, for ``wait``, the time at which to ask again.
@@ -177,7 +188,10 @@ def outbox_action(
     if record.sent_at is None or record.connection != connection:
         return "send", None
     wait = ack_timeout * 2 ** min(max(record.sends - 1, 0), MAX_BACKOFF_DOUBLINGS)
-    due = record.sent_at + wait
+    if entry.deadline is not None:
+        left = entry.deadline - record.sent_at
+        wait = min(wait, max(MIN_RESEND_WAIT, DEADLINE_SHARE * left))
+    due = record.sent_at + wait * record.jitter
     if now >= due:
         return "send", None
     return "wait", due

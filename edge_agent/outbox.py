@@ -50,6 +50,9 @@ class OutboxEntry(BaseModel):
     size: int = Field(ge=0)
     chunk_size: int = Field(ge=1)
     bundle: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the model bundle")
+    deadline: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="the round's deadline: bounds re-send waits"
+    )
 
     @property
     def ref(self) -> BlobRef:

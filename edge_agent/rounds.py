@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from edge_agent.blob_cache import DiskFullError
 from edge_agent.context import AgentContext
 from edge_agent.decisions import Finished, RoundDecision, Skip, Train, decide_round
+from edge_agent.metrics_file import AgentFigures, MetricsTextfile
 from edge_agent.training import (
     ModelCache,
     RoundInputs,
@@ -49,7 +50,8 @@ from fedmq.errors import (
     TrainingError,
     TransportError,
 )
-from fedmq.timeouts import within
+from fedmq.log_format import log_context
+from fedmq.timeouts import wait_event, within
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import RoundAnnouncement
 
@@ -57,6 +59,7 @@ log = logging.getLogger(__name__)
 
 ROUND_RETRY_MAX = 600.0  # seconds: cap of the back-off between attempts at a failed round
 TRAIN_THREAD_PREFIX = "fedmq-train"
+METRICS_REFRESH = 60.0  # seconds: the metrics textfile is rewritten this often while idle
 
 # What can make one round fail while the agent stays healthy: the round is retried.
 ROUND_FAILURES = (TrainingError, BundleError, IntegrityError, TransportError, DecodeError)
@@ -91,6 +94,11 @@ class RoundRunner:
         self._backoff = Backoff(context.settings.limits.round_retry_s, ROUND_RETRY_MAX)
         self._backoff_round: int | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
+        settings = context.settings
+        self._metrics = MetricsTextfile(
+            settings.metrics.textfile, settings.client_id, settings.federation
+        )
+        self._metrics_lock = asyncio.Lock()  # one write at a time (one temporary name)
 
     # -- called by the agent --------------------------------------------------------
 
@@ -126,6 +134,7 @@ class RoundRunner:
             self._retry_handle.cancel()
         task = self._task
         if task is None or task.done():
+            await self.write_metrics()
             return
         # Training stops at its next batch; a commit in progress completes (it is
         # atomic either way).  Only then is the task cancelled.
@@ -136,11 +145,14 @@ class RoundRunner:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.write_metrics()
 
     async def run(self) -> None:
         """The ``rounds`` task: run each announcement that was offered, one at a time."""
         while True:
-            await self._wakeup.wait()
+            if not await wait_event(self._wakeup, METRICS_REFRESH):
+                await self.write_metrics()  # uploads, acks and reconnects since the round
+                continue
             self._wakeup.clear()
             announcement, self._pending = self._pending, None
             if announcement is None or self._context.is_stopping():
@@ -149,10 +161,11 @@ class RoundRunner:
                 continue
             self._current = announcement
             self._cancel = threading.Event()
-            self._task = asyncio.create_task(
-                self._round(announcement),
-                name=self._context.task_name(f"round-{announcement.round}"),
-            )
+            with log_context(round=announcement.round):  # on every line the round logs
+                self._task = asyncio.create_task(
+                    self._round(announcement),
+                    name=self._context.task_name(f"round-{announcement.round}"),
+                )
             try:
                 await self._task
             except asyncio.CancelledError:
@@ -164,6 +177,30 @@ class RoundRunner:
                 self._task = None
                 if self._context.status.state in ("downloading", "training"):
                     self._context.set_state("idle")
+            await self.write_metrics()
+
+    async def write_metrics(self) -> None:
+        """Rewrite the ``[metrics] textfile`` (if configured) with the current figures."""
+        if self._metrics.path is None:
+            return
+        context = self._context
+        counters, session = context.counters, context.session
+        figures = AgentFigures(
+            rounds_trained=counters.rounds_trained,
+            rounds_failed=counters.rounds_failed,
+            updates_acked=counters.updates_acked,
+            updates_dropped=counters.updates_dropped,
+            bytes_sent=session.bytes_sent,
+            bytes_received=session.bytes_received,
+            connections=session.connections,
+            last_round=context.state_dir.state.last_answered_round,
+            times=self._metrics.times,
+        )
+        try:
+            async with self._metrics_lock:
+                await asyncio.to_thread(self._metrics.write, figures)
+        except OSError as exc:
+            log.warning("cannot write the metrics textfile %s: %s", self._metrics.path, exc)
 
     # -- one round ------------------------------------------------------------------
 
@@ -207,6 +244,7 @@ class RoundRunner:
             self._backoff_round = None
         context.counters.rounds_trained += 1
         context.counters.updates_committed += 1
+        self._metrics.trained(output.seconds)
         entry = output.entry
         log.info(
             "round %d: trained in %.1f s on %d examples (%s); update %s is %d bytes in %d chunks",
@@ -227,6 +265,7 @@ class RoundRunner:
         context = self._context
         round_id = announcement.round
         context.counters.rounds_failed += 1
+        self._metrics.failed()
         if self._backoff_round != round_id:  # a different round starts from the bottom
             self._backoff.reset()
             self._backoff_round = round_id

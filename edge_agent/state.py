@@ -32,6 +32,7 @@ from fedmq.wire.tensors import NO_COMPRESSION, decode_tensors, encode_tensors
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
+CACHE_DIR = "cache"  # the blob cache (edge_agent.blob_cache)
 _RESIDUAL_SUFFIX = ".tensors"
 
 
@@ -132,7 +133,7 @@ class StateDir:
         try:
             self.outbox = Outbox(root / "outbox")
             self.residuals = ResidualStore(root / "residual")
-            self.cache_dir = root / "cache"
+            self.cache_dir = root / CACHE_DIR
             self.state = self._load_state()
         except OSError as exc:
             self.close()

@@ -158,6 +158,7 @@ def train_and_commit(
         size=built.ref.size,
         chunk_size=built.ref.chunk_size,
         bundle=bundle_sha,
+        deadline=announcement.deadline,
     )
     state.commit_update(entry, built.data, built.residual)
     return RoundOutput(entry, built, time.monotonic() - started)

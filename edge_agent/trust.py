@@ -16,7 +16,14 @@ import logging
 
 from edge_agent.state import StateDir
 from fedmq.buffers import Buffer
-from fedmq.wire.control import Ack, ResendRequest, RoundAnnouncement, control_type, decode_control
+from fedmq.wire.control import (
+    Ack,
+    AggregatorStatus,
+    ResendRequest,
+    RoundAnnouncement,
+    control_type,
+    decode_control,
+)
 from fedmq.wire.signing import ReplayedMessageError, TrustedKeys
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,15 @@ class ControlTrust:
         except OSError as exc:  # the replay mark is lost on restart only: keep going
             log.error("cannot record the announcement time in the state directory: %s", exc)
         return announcement
+
+    def aggregator_status(self, payload: Buffer) -> AggregatorStatus:
+        """A verified aggregator status (it makes the agent re-send, so it is checked too).
+
+        Raises:
+            DecodeError: malformed.
+            SignatureError: unsigned, forged or signed by another key.
+        """
+        return decode_control(payload, AggregatorStatus, trusted=self.trusted)
 
     def ack(self, payload: Buffer) -> Ack | ResendRequest:
         """A verified message of our ack topic: an ack, or a request for missing chunks.

@@ -23,6 +23,7 @@ The loop sleeps until the next entry is due or :attr:`AgentContext.outbox_kick` 
 from __future__ import annotations
 
 import logging
+import random
 
 from edge_agent.context import AgentContext
 from edge_agent.decisions import IgnoreAck, SendRecord, decide_ack, outbox_action
@@ -49,6 +50,7 @@ class Uploader:
         self._outbox = context.state_dir.outbox
         self._records: dict[str, SendRecord] = {}  # in memory: a restart sends again
         self._resends: dict[str, tuple[BlobRef, set[int]]] = {}  # chunks asked for again
+        self._waiting_since: float | None = None  # for the aggregator to be online
 
     # -- called by the agent --------------------------------------------------------
 
@@ -101,6 +103,14 @@ class Uploader:
         )
         context.outbox_kick.set()
 
+    def resume(self, why: str) -> None:
+        """Send every unacknowledged update again now (the aggregator resubscribed)."""
+        if self._records:
+            log.info("%s: re-sending %d unacknowledged update(s)", why, len(self._records))
+        for record in self._records.values():
+            record.connection = None
+        self._context.outbox_kick.set()
+
     def drop_outbox(self, why: str) -> None:
         """Drop every entry (the federation finished: nobody will ack them)."""
         for entry in self._outbox.entries():
@@ -116,6 +126,10 @@ class Uploader:
         while True:
             wake_at: float | None = None
             sent = await self._send_requested()
+            if not self._aggregator_ready():
+                await wait_event(context.outbox_kick, settings.ack_timeout_s)
+                context.outbox_kick.clear()
+                continue
             for entry in self._outbox.entries():
                 record = self._records.setdefault(entry.update_id, SendRecord())
                 now = context.clock()
@@ -144,6 +158,20 @@ class Uploader:
             timeout = None if wake_at is None else max(0.0, wake_at - context.clock())
             await wait_event(context.outbox_kick, timeout)
             context.outbox_kick.clear()
+
+    def _aggregator_ready(self) -> bool:
+        context = self._context
+        session = context.session
+        if context.aggregator.ready(session.connections) or not self._outbox.entries():
+            self._waiting_since = None
+            return True
+        # Not heard of since our (re)connect: wait for its status, but never longer than
+        # an ack timeout (its status may be lost with a broker that kept no retained state).
+        now = context.clock()
+        if self._waiting_since is None:
+            self._waiting_since = now
+            log.info("waiting for the aggregator to be online before uploading")
+        return now - self._waiting_since >= context.settings.outbox.ack_timeout_s
 
     async def _send_requested(self) -> bool:
         """Send the chunks asked for by resend requests; True if anything was sent."""
@@ -248,6 +276,7 @@ class Uploader:
         context.counters.uploads += 1
         record.sends += 1
         record.sent_at = context.clock()
+        record.jitter = random.uniform(0.5, 1.0)
         # A reconnect during the upload may have lost chunks the old connection had
         # handed to the broker: send again on the new connection.
         record.connection = connection if session.connections == connection else None

@@ -4,7 +4,8 @@ Three roles (``broker_config/README.md`` has the table):
 
 * **agents**, by ``pattern`` lines: with ``use_identity_as_username`` the username
   ``%u`` is the certificate CN, i.e. the device id, so a device writes only its own
-  ``update/<id>/#`` and ``status/<id>`` and reads ``round``, ``blob/#`` and its
+  ``update/<id>/#`` and ``status/<id>`` and reads ``round``, ``blob/#``,
+  ``aggregator/status`` and its
   ``ack/<id>``;
 * **the aggregator**, by a ``user`` block: writes round, blobs, acks and its status,
   reads every update and status (what ``fedmq serve`` subscribes to);
@@ -111,6 +112,9 @@ def agent_patterns(topics: Topics) -> list[AclLine]:
         AclLine(Access.read, topics.round()),
         AclLine(Access.read, _family(topics, topics.blob(_SHA256, 0))),
         AclLine(Access.read, _for_client(topics.ack(me), me)),
+        # Uploads wait for the aggregator to be online (after a broker restart it may
+        # resubscribe after the device reconnected).
+        AclLine(Access.read, topics.aggregator_status()),
     ]
 
 

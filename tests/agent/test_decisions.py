@@ -171,3 +171,24 @@ def test_entry_is_resent_after_a_reconnect() -> None:
 
 def test_old_entry_expires() -> None:
     assert act(SendRecord(sent_at=1000, connection=1, sends=1), 1000 + 3601) == ("expire", None)
+
+
+def test_resend_waits_are_bounded_by_the_rounds_deadline_and_jittered() -> None:
+    near = entry().model_copy(update={"deadline": 1000 + 120.0})
+    record = SendRecord(sent_at=1000, connection=1, sends=3)
+    # 60 s doubling would wait 240 s, past the deadline: a quarter of the 120 s left.
+    assert outbox_action(near, record, now=1001, connection=1, ack_timeout=60, max_age=3600) == (
+        "wait",
+        1030,
+    )
+    record.jitter = 0.5
+    assert outbox_action(near, record, now=1001, connection=1, ack_timeout=60, max_age=3600) == (
+        "wait",
+        1015,
+    )
+    late = entry().model_copy(update={"deadline": 1001.0})
+    record = SendRecord(sent_at=1000, connection=1, sends=1)
+    assert outbox_action(late, record, now=1001, connection=1, ack_timeout=60, max_age=3600) == (
+        "wait",
+        1002,
+    )  # never below MIN_RESEND_WAIT

@@ -14,7 +14,7 @@ from aggregator.scripted import ScriptedAgent, make_settings, random_delta, runn
 
 from edge_agent.config import AgentSettings
 from fedmq.broker.mosquitto import MosquittoBroker
-from fedmq.wire.control import ResendRequest, encode_control
+from fedmq.wire.control import AggregatorStatus, ResendRequest, encode_control
 
 pytestmark = [pytest.mark.broker]
 
@@ -85,3 +85,37 @@ async def test_the_agent_resends_only_what_was_asked_for(
     again = aggregator.chunk_headers[len(first) :]
     assert sorted(h.index for h in again) == [0, 2]
     assert stats.uploads == 2
+
+
+async def test_uploads_wait_for_the_aggregator_and_resume_when_it_is_back(
+    make_broker: Callable[..., MosquittoBroker],
+    make_settings_agent: Callable[..., AgentSettings],
+) -> None:
+    broker = make_broker()
+    settings = make_settings_agent(broker.url)
+    assert settings.outbox.ack_timeout_s == 60  # the wait every resumption below beats
+    aggregator = ScriptedAggregator(broker.url, settings.federation, hold_acks=True)
+    topic = aggregator.topics.aggregator_status()
+
+    async def say(state: str) -> float:
+        status = AggregatorStatus(aggregator="aggregator", state=state, ts=time.time())  # type: ignore[arg-type]
+        await aggregator.session.publish(topic, encode_control(status), retain=True)
+        return time.monotonic()
+
+    async with aggregator.running():
+        bundle, params, _ = await aggregator.publish_model()
+        await say("collecting")
+        async with running_agent(settings) as agent:
+            await aggregator.announce(1, bundle, params, chunk_size=1024)
+            await aggregator.wait_updates(1)
+            count = len(aggregator.chunk_headers)
+            # The aggregator restarts: its last will says offline, then it is back.
+            await say("offline")
+            back = await say("collecting")
+            await eventually(
+                lambda: len(aggregator.chunk_headers) >= 2 * count, what="the re-sent update"
+            )
+            resumed = time.monotonic() - back
+            stats = agent.statistics()
+    assert stats.uploads == 2
+    assert resumed < 5  # seconds, not the 60 s ack timeout
