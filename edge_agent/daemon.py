@@ -149,6 +149,10 @@ class Agent:
             log.info("stopping: no new rounds; cancelling training")
         self._stopping = True
         if self._jobs is not None:
+            current = self._jobs.rounds.current
+            if current is not None and current.addresses(self.client):
+                # The last status tells the aggregator not to wait for this round's update.
+                self.status.decline(current.round, "stopping", "the agent stopped")
             self._jobs.rounds.cancel_training()
         self._stop.set()
 

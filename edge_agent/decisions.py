@@ -8,12 +8,14 @@ return.
 
 from __future__ import annotations
 
+import errno
 import logging
 from dataclasses import dataclass
 from typing import Literal
 
 from edge_agent.outbox import OutboxEntry
-from fedmq.wire.control import Ack, RoundAnnouncement
+from fedmq.errors import BundleError, DataError, TrainingError
+from fedmq.wire.control import Ack, DeclineReason, RoundAnnouncement
 
 MAX_BACKOFF_DOUBLINGS = 4  # re-sends of one update back off to 16x the ack timeout at most
 # A re-send wait never exceeds this share of the time left to the round's deadline (but
@@ -89,6 +91,32 @@ def decide_round(
     if not announcement.addresses(client):
         return Skip(f"round {round_id} does not select {client!r}", logging.DEBUG)
     return Train(announcement)
+
+
+class OutOfTimeError(TrainingError):
+    """Training ran past ``limits.max_train_seconds``."""
+
+
+def decline_reason(error: BaseException) -> DeclineReason | None:
+    """Why a failed round means this device cannot take part (None: retry quietly).
+
+    Problems of the device (its data, disk, memory, time budget) or of the model on it
+    are declined at once, so the round does not wait for an update that will not come;
+    download problems (a lost or corrupt chunk, the broker gone) are retried.
+    """
+    if isinstance(error, DataError):
+        return "data_error"
+    if isinstance(error, OutOfTimeError):
+        return "out_of_time"
+    if isinstance(error, MemoryError):
+        return "out_of_memory"
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full"
+    if isinstance(error, BundleError):
+        return "bundle_incompatible"
+    if isinstance(error, TrainingError):
+        return "training_failed"
+    return None
 
 
 @dataclass(frozen=True)

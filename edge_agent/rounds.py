@@ -31,7 +31,15 @@ from collections.abc import Awaitable, Callable
 
 from edge_agent.blob_cache import DiskFullError
 from edge_agent.context import AgentContext
-from edge_agent.decisions import Finished, RoundDecision, Skip, Train, decide_round
+from edge_agent.decisions import (
+    Finished,
+    OutOfTimeError,
+    RoundDecision,
+    Skip,
+    Train,
+    decide_round,
+    decline_reason,
+)
 from edge_agent.metrics_file import AgentFigures, MetricsTextfile
 from edge_agent.training import (
     ModelCache,
@@ -53,7 +61,7 @@ from fedmq.errors import (
 from fedmq.log_format import log_context
 from fedmq.timeouts import wait_event, within
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import RoundAnnouncement
+from fedmq.wire.control import DeclineReason, RoundAnnouncement
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +130,11 @@ class RoundRunner:
             self._pending = decision.announcement
             self._wakeup.set()
         return decision
+
+    @property
+    def current(self) -> RoundAnnouncement | None:
+        """The announcement of the round being downloaded or trained, if any."""
+        return self._current
 
     def cancel_training(self) -> None:
         """Ask the running round's training to stop at its next batch."""
@@ -232,13 +245,13 @@ class RoundRunner:
             log.info("round %d: training cancelled", round_id)
             return
         except ROUND_FAILURES as exc:
-            self._failed(announcement, str(exc))
+            self._failed(announcement, str(exc), decline_reason(exc))
             return
-        except DiskFullError as exc:
-            self._failed(announcement, str(exc))  # names the directory and the sizes
+        except DiskFullError as exc:  # names the directory and the sizes
+            self._failed(announcement, str(exc), decline_reason(exc))
             return
-        except DEVICE_FAILURES as exc:
-            self._failed(announcement, f"{type(exc).__name__}: {exc}")
+        except (*DEVICE_FAILURES, MemoryError) as exc:
+            self._failed(announcement, f"{type(exc).__name__}: {exc}", decline_reason(exc))
             return
         if self._backoff_round == round_id:
             self._backoff_round = None
@@ -261,7 +274,9 @@ class RoundRunner:
         context.set_state("idle", round_id)
         context.outbox_kick.set()
 
-    def _failed(self, announcement: RoundAnnouncement, problem: str) -> None:
+    def _failed(
+        self, announcement: RoundAnnouncement, problem: str, declined: DeclineReason | None
+    ) -> None:
         context = self._context
         round_id = announcement.round
         context.counters.rounds_failed += 1
@@ -271,8 +286,14 @@ class RoundRunner:
             self._backoff_round = round_id
         delay = self._backoff.next_delay()
         log.error("round %d failed: %s; retrying in %.3g s", round_id, problem, delay)
-        context.status.error(f"round {round_id}: {problem}")
-        context.set_state("idle", round_id)
+        if declined is not None and announcement.addresses(context.client):
+            # Tell the aggregator now, so the round does not wait for this device.
+            log.warning("declining round %d (%s)", round_id, declined)
+            context.status.decline(round_id, declined, problem)
+            context.status_changed.set()
+        else:
+            context.status.error(f"round {round_id}: {problem}")
+            context.set_state("idle", round_id)
         if self._retry_handle is not None:
             self._retry_handle.cancel()  # an older round's retry: this one is newer
         self._retry_handle = asyncio.get_running_loop().call_later(delay, self._retry, announcement)
@@ -307,7 +328,7 @@ class RoundRunner:
 
         def should_stop() -> bool:  # polled by the training thread between batches
             if time.monotonic() > deadline:
-                raise TrainingError(
+                raise OutOfTimeError(
                     f"training exceeded limits.max_train_seconds ({max_seconds:g} s)"
                 )
             return cancel.is_set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import platform
 
 import fedmq
-from fedmq.wire.control import AgentState, AgentStatus
+from fedmq.wire.control import AgentState, AgentStatus, DeclineReason
 
 MAX_ERROR_CHARS = 2000  # AgentStatus.last_error holds 2048; leave room for the ellipsis
 
@@ -44,6 +44,7 @@ class StatusBoard:
         self.progress: float | None = None
         self.bundle: str | None = None
         self.last_error: str | None = None
+        self.declined: DeclineReason | None = None  # with state "declined": why
         self._versions = versions()
 
     def set(
@@ -51,9 +52,16 @@ class StatusBoard:
     ) -> None:
         """Enter ``state`` (for ``round_id``); progress restarts unless given."""
         self.state = state
+        self.declined = None
         if round_id is not None:
             self.round = round_id
         self.progress = progress
+
+    def decline(self, round_id: int, reason: DeclineReason, message: str) -> None:
+        """Say that this agent cannot take part in ``round_id``, and why."""
+        self.set("declined", round_id)
+        self.declined = reason
+        self.error(f"round {round_id}: {message}")
 
     def report_progress(self, done: int, total: int) -> None:
         """Record ``done`` of ``total`` steps of the current state (thread-safe enough)."""
@@ -76,5 +84,6 @@ class StatusBoard:
             versions=self._versions,
             last_error=self.last_error,
             heartbeat_s=self.heartbeat_s,
+            declined=self.declined,
             ts=now,
         )

@@ -340,6 +340,12 @@ class Coordinator:
             self.roster.forget(client)
         elif status.client != client:
             return [Noted("warning", f"status on {client!r}'s topic names {status.client!r}")]
+        elif status.declined is not None and status.round is not None:
+            if not self.roster.update(status, now):
+                return []
+            return self._end_input(
+                self.flow.declined(client, status.round, status.declined, now), now
+            )
         elif not self.roster.update(status, now):
             ignored = self.roster.ignored
             if ignored & (ignored - 1):  # log the 1st, 2nd, 4th, 8th...: a flood stays quiet

@@ -86,6 +86,7 @@ class RoundRecord:
         selected: agents asked to train (None: anyone).
         contributions: accepted updates in fold order.
         rejected: rejections by reason.
+        declined: agents that said they cannot take part, with their reason.
         metrics: example-weighted means of the updates' metrics (plus ``examples``,
             the counted examples).
         strategy: strategy name.
@@ -103,6 +104,7 @@ class RoundRecord:
     rejected: Mapping[str, int]
     metrics: Mapping[str, float]
     strategy: str
+    declined: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (with ``v``)."""
@@ -134,4 +136,5 @@ class RoundRecord:
             rejected=dict(data["rejected"]),
             metrics=dict(data["metrics"]),
             strategy=str(data["strategy"]),
+            declined=dict(data.get("declined", {})),
         )

@@ -239,6 +239,18 @@ class RoundFlow:
             selected=list(r.selected) if r.selected is not None else None,
         )
 
+    def declined(self, client: str, round_id: int, reason: str, now: float) -> list[Action]:
+        """``client`` cannot take part in ``round_id``: a dropout with a reason, at once."""
+        r = self.state.round
+        if r.phase != "collecting" or round_id != r.number or client in r.declined:
+            return self.apply_rules(now)
+        r.declined[client] = reason
+        actions: list[Action] = [Noted("warning", f"{client} declined round {round_id}: {reason}")]
+        if r.selected is not None and client in r.selected and client not in r.on_time:
+            r.answered.add(client)  # the round no longer waits for it
+        actions.extend(self.maybe_close(now))
+        return actions
+
     def announcement_action(self, now: float) -> Publish:
         """The retained announcement of the current round, as a publish."""
         payload = encode_control(self._announcement(now), self.config.signer)

@@ -33,6 +33,7 @@ class RoundState:
     answered: set[str] = field(default_factory=set)
     reserved: dict[tuple[str, str], Ticket] = field(default_factory=dict)
     rejected: Counter[str] = field(default_factory=Counter)
+    declined: dict[str, str] = field(default_factory=dict)  # agent -> reason
 
     def outstanding(self) -> tuple[str, ...]:
         """Selected agents that have not answered (contributed or been refused) yet."""
@@ -73,4 +74,5 @@ class RoundState:
             rejected=dict(self.rejected),
             metrics=metrics,
             strategy=strategy,
+            declined=dict(self.declined),
         )

@@ -170,7 +170,19 @@ class ResendRequest(ControlMessage):
     ts: Timestamp
 
 
-AgentState = Literal["online", "idle", "downloading", "training", "uploading", "offline"]
+AgentState = Literal[
+    "online", "idle", "downloading", "training", "uploading", "declined", "offline"
+]
+
+DeclineReason = Literal[
+    "data_error",  # the local data is missing, malformed or does not fit the model
+    "bundle_incompatible",  # the bundle cannot run here (corrupt, unknown format, runtime)
+    "out_of_time",  # training would exceed limits.max_train_seconds
+    "out_of_memory",
+    "disk_full",
+    "training_failed",  # anything else that stopped this round on this device
+    "stopping",  # the agent shut down during the round
+]
 
 
 class AgentStatus(ControlMessage):
@@ -186,6 +198,9 @@ class AgentStatus(ControlMessage):
     versions: dict[str, str] = Field(default_factory=dict, max_length=32)
     last_error: str | None = Field(None, max_length=2048)
     heartbeat_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    declined: DeclineReason | None = Field(
+        None, description="why the agent cannot take part in ``round`` (it will not send)"
+    )
     ts: Timestamp
 
 

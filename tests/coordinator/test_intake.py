@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.support import FEDERATION, T0, chunks, delta, envelope
-from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
+from fedmq.coordinator.intake import (
+    DEFAULT_RESEND_AFTER,
+    Answered,
+    Assembled,
+    ChunkProblem,
+    UpdateIntake,
+    Verdict,
+)
 from fedmq.wire.topics import UpdateChunkTopic
 
 
@@ -110,7 +117,13 @@ def test_idle_partial_updates_expire() -> None:
     uid, data = envelope("a", 1, delta(1), update_id="u1")
     intake = _intake(ttl_s=10.0)
     intake.receive(*chunks(data, "a", 1, uid)[0], T0, _admit_all)
-    assert intake.next_expiry() == T0 + 10.0
+    # First the missing chunks are asked for, then (still idle) the update expires.
+    assert intake.next_expiry() == T0 + DEFAULT_RESEND_AFTER
+    due = intake.resend_due(T0 + DEFAULT_RESEND_AFTER)
+    assert [d.key.update_id for d in due] == [uid]
+    assert 0 not in due[0].missing
+    assert due[0].missing == list(range(1, due[0].ref.count))
+    assert intake.resend_due(T0 + DEFAULT_RESEND_AFTER) == []  # the next one waits longer
     assert intake.expire(T0 + 5) == []
     problems = intake.expire(T0 + 11)
     assert [p.reason for p in problems] == ["incomplete"]
