@@ -124,6 +124,22 @@ class PacketTooLargeError(TransportError):
     """A message would exceed the broker's maximum packet size (never sent)."""
 
 
+class DuplicateClientIdError(ConfigError):
+    """Another connection keeps taking over our session: two clients share one id."""
+
+
+# MQTT 5 DISCONNECT reason "Session taken over": another client connected with our id.
+SESSION_TAKEN_OVER = 0x8E
+TAKEOVER_LIMIT = 3  # takeovers within TAKEOVER_WINDOW before giving up: not a fluke
+TAKEOVER_WINDOW = 120.0  # seconds
+# Mosquitto 2.0 closes the older connection without saying why.  Two clients sharing an
+# id then knock each other off every fraction of a second; a flaky network does not
+# accept and drop a connection this often, this fast.
+SHORT_LIVED = 5.0  # seconds a connection lasted
+SHORT_LIVED_LIMIT = 8  # such connections within SHORT_LIVED_WINDOW
+SHORT_LIVED_WINDOW = 60.0  # seconds
+
+
 class BrokerRefusedError(TransportError):
     """The broker keeps closing the connection on one publish (an unannounced size cap)."""
 
@@ -228,9 +244,14 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self.connections = 0  # successful connects so far (1 after the first)
+        self.bytes_received = 0  # payload bytes of the messages handed to the handler
+        self.bytes_sent = 0  # payload bytes of the publishes the broker accepted
         self.last_error: str | None = None
         self._connack_max_packet: int | None = None  # from the latest CONNACK (MQTT 5)
         self._lost = asyncio.Event()  # set when the current connection ends
+        self._takeovers: list[float] = []  # loop times our session was taken over
+        self._short_lived: list[float] = []  # loop times connections ended young
+        self._connected_at = 0.0
 
     @property
     def max_packet_size(self) -> int | None:
@@ -346,8 +367,9 @@ class MqttSession:
                 # aiomqtt's exit may raise MqttError while we are being cancelled;
                 # swallowing it would keep a stopped service reconnecting forever.
                 _raise_if_cancelling(exc)
-                self.last_error = str(exc) or type(exc).__name__
                 was_connected = self._connected.is_set()
+                self._note_takeover(exc, was_connected)
+                self.last_error = str(exc) or type(exc).__name__
                 log.warning(
                     "%s %s: %s",
                     "lost connection to" if was_connected else "cannot connect to",
@@ -361,6 +383,37 @@ class MqttSession:
                 for task in self._control_tasks:
                     task.cancel()  # acks that can no longer come
             await asyncio.sleep(self._backoff.next_delay())
+
+    def _note_takeover(self, error: aiomqtt.MqttError, was_connected: bool) -> None:
+        """Stop, rather than fight forever, when another client keeps using our id."""
+        now = asyncio.get_running_loop().time()
+        client_id = self.settings.client_id
+        advice = "Give every device its own client_id (and certificate)"
+        # The reason code is on the error, or on its cause ("Disconnected during message
+        # iteration" wraps the disconnect's MqttCodeError).
+        codes = [getattr(e, "rc", None) for e in (error, error.__cause__) if e is not None]
+        if SESSION_TAKEN_OVER in [getattr(code, "value", code) for code in codes]:
+            self._takeovers = [t for t in self._takeovers if now - t < TAKEOVER_WINDOW]
+            self._takeovers.append(now)
+            log.warning("another connection with client id %r took over our session", client_id)
+            if len(self._takeovers) >= TAKEOVER_LIMIT:
+                raise DuplicateClientIdError(
+                    f"another client uses client id {client_id!r}: the broker handed our "
+                    f"session to it {len(self._takeovers)} times in {TAKEOVER_WINDOW:.0f} s. "
+                    + advice
+                )
+            return
+        if not was_connected or now - self._connected_at >= SHORT_LIVED:
+            return
+        self._short_lived = [t for t in self._short_lived if now - t < SHORT_LIVED_WINDOW]
+        self._short_lived.append(now)
+        if len(self._short_lived) >= SHORT_LIVED_LIMIT:
+            raise DuplicateClientIdError(
+                f"the broker closed {len(self._short_lived)} connections within seconds of "
+                f"accepting them in the last {SHORT_LIVED_WINDOW:.0f} s: another client most "
+                f"likely uses client id {client_id!r} (a broker closes the older connection "
+                "when a second one connects with the same id). " + advice
+            )
 
     async def _serve(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
         paho = client._client
@@ -381,12 +434,14 @@ class MqttSession:
         self.connections += 1
         self.last_error = None
         self._backoff.reset()
+        self._connected_at = asyncio.get_running_loop().time()
         self._connected.set()
         log.info("connected to %s as %s", self.settings.url, self.settings.client_id)
         if self._on_connect is not None:
             await self._on_connect(self)
         async for received in client.messages:
             message = _to_message(received)
+            self.bytes_received += len(message.payload)
             try:
                 await handler(message)
             except Exception:
@@ -462,6 +517,7 @@ class MqttSession:
                 await asyncio.sleep(0.05)
             else:
                 _raise_if_cancelling(None)
+                self.bytes_sent += len(payload)
                 return
 
     def abort(self) -> None:
