@@ -141,7 +141,7 @@ def test_oversized_control_message() -> None:
 
 def test_schemas_are_published_for_every_message() -> None:
     schemas = control_schemas()
-    assert set(schemas) == {"round", "ack", "agent_status", "aggregator_status"}
+    assert set(schemas) == {"round", "ack", "resend", "agent_status", "aggregator_status"}
     assert "deadline" in schemas["round"]["properties"]
 
 

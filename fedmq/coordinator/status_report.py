@@ -1,0 +1,108 @@
+"""What the aggregator status tells an operator beyond the round state.
+
+The round state says where the round is; an operator watching the retained
+``aggregator/status`` (``fedmq monitor``, ``mosquitto_sub``) also wants to know how
+many bytes the round moved, how the last round ended and which updates were refused
+lately.  :class:`StatusReport` keeps that, pure like the rest of the coordinator: the
+coordinator tells it the size of every update chunk it receives, and passes every
+action list it returns through :meth:`StatusReport.observe`, which counts what is
+published (``Publish``, ``PublishBlob``), remembers refusals (``UpdateRejected``) and
+closes the round's account when the round's record is saved (``SaveRecord``; the
+actions before it in the same list still belong to that round).
+
+None of it is durable: after a restart the traffic counts start from zero and the last
+round's summary appears when the next round ends (its metrics are in the snapshot).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from fedmq.coordinator.actions import Action, Publish, PublishBlob, SaveRecord, UpdateRejected
+from fedmq.coordinator.records import RoundRecord
+from fedmq.wire.blobs import BlobRef
+from fedmq.wire.control import MAX_RECENT_REJECTIONS, RecentRejection, RoundSummary
+from fedmq.wire.ids import id_problem
+
+REASON_CHARS = 64  # RecentRejection.reason
+DETAIL_CHARS = 200  # RecentRejection.detail
+ROUND_REASON_CHARS = 128  # RoundSummary.reason
+
+
+@dataclass
+class Traffic:
+    """Bytes received (update chunks) and published (blobs, control messages)."""
+
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+def _blob_bytes(action: PublishBlob) -> int:
+    ref: BlobRef = action.ref
+    if action.indices is None:
+        return ref.size
+    return sum(ref.chunk_length(index) for index in action.indices if 0 <= index < ref.count)
+
+
+class StatusReport:
+    """Traffic of the current round and since start, the last round, recent refusals."""
+
+    def __init__(self) -> None:
+        self.round = Traffic()
+        self.total = Traffic()
+        self.last_round: RoundSummary | None = None
+        self._rejections: deque[RecentRejection] = deque(maxlen=MAX_RECENT_REJECTIONS)
+
+    @property
+    def recent_rejections(self) -> list[RecentRejection]:
+        """The newest refusals, oldest first (any round: each names its round)."""
+        return list(self._rejections)
+
+    def received(self, size: int) -> None:
+        """An update chunk of ``size`` bytes arrived."""
+        self.round.bytes_in += size
+        self.total.bytes_in += size
+
+    def observe(self, actions: Iterable[Action]) -> None:
+        """Account for the actions the coordinator is about to return, in order."""
+        for action in actions:
+            match action:
+                case Publish():
+                    self._sent(len(action.payload))
+                case PublishBlob():
+                    self._sent(_blob_bytes(action))
+                case UpdateRejected():
+                    self._rejected(action)
+                case SaveRecord():
+                    self._round_ended(action.record)
+
+    def _sent(self, size: int) -> None:
+        self.round.bytes_out += size
+        self.total.bytes_out += size
+
+    def _rejected(self, event: UpdateRejected) -> None:
+        if id_problem(event.client) is not None:
+            return  # topics are parsed before anything is rejected; never expected
+        self._rejections.append(
+            RecentRejection(
+                client=event.client,
+                round=event.round,
+                reason=event.reason[:REASON_CHARS],
+                detail=event.detail[:DETAIL_CHARS],
+            )
+        )
+
+    def _round_ended(self, record: RoundRecord) -> None:
+        self.last_round = RoundSummary(
+            round=record.round,
+            outcome=record.outcome,
+            reason=record.reason[:ROUND_REASON_CHARS],
+            duration_s=max(0.0, record.closed_at - record.opened_at),
+            updates=len(record.contributions),
+            rejected=sum(record.rejected.values()),
+            bytes_in=self.round.bytes_in,
+            bytes_out=self.round.bytes_out,
+        )
+        self.round = Traffic()
