@@ -45,17 +45,21 @@ $(VENV)/.installed-%: pyproject.toml
 	case ",$*," in *,compile,*) $(BIN)/python -m pip install -q --no-deps "onnx2torch==1.5.15";; esac
 	@touch $@
 
-# Mosquitto is started privately by the tests on a random port; we only need the binary.
+# Mosquitto is started privately by the tests on a random port; we only need the binary,
+# and mosquitto-clients for mosquitto_sub (watching the control topics: docs/operations.md).
 mosquitto:
-	@[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null \
-		|| { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q mosquitto; }
+	@missing=""; \
+	{ [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null; } || missing="$$missing mosquitto"; \
+	command -v mosquitto_sub >/dev/null || missing="$$missing mosquitto-clients"; \
+	[ -z "$$missing" ] || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; }
 
-# What the tests run besides Python: Mosquitto, and systemd-analyze (Debian's systemd
-# package), which tests/deploy/ uses to verify the units in deploy/ offline (no systemd
-# needs to run: it works in containers).
+# What the tests run besides Python: Mosquitto and mosquitto_sub (tests/monitor/), and
+# systemd-analyze (Debian's systemd package), which tests/deploy/ uses to verify the units
+# in deploy/ offline (no systemd needs to run: it works in containers).
 test-tools:
 	@missing=""; \
 	{ [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null; } || missing="$$missing mosquitto"; \
+	command -v mosquitto_sub >/dev/null || missing="$$missing mosquitto-clients"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	[ -z "$$missing" ] || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; }
 

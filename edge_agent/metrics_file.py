@@ -3,10 +3,11 @@
 node_exporter's textfile collector reads ``*.prom`` files from one directory at every
 scrape; the agent rewrites its file after every round, every minute while idle and when
 it stops, atomically (:func:`fedmq.durable_files.write_file`: a hidden temporary name,
-then a rename), so a scrape never sees half a file.  The text format is written here by hand, a few lines:
-the device install does not carry prometheus-client.  Every sample is labelled with the
-agent's ``client`` and ``federation``, so several agents on one host (or one collector
-directory) never collide.  The metrics are listed in ``docs/operations.md``.
+then a rename), so a scrape never sees half a file.  The text format is written here by
+hand, a few lines: the device install does not carry prometheus-client.  Every sample is
+labelled with the agent's ``client`` and ``federation``, so several agents on one host
+(or one collector directory) never collide.  The metrics are listed in
+``docs/operations.md``.
 """
 
 from __future__ import annotations

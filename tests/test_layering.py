@@ -68,12 +68,14 @@ HELPERS = (
     "durable_files",
     "config_file",
     "systemd",
+    "log_format",
 )
 # Server and operator layers below the commands; none of them is ever on a device.
 SERVER_LAYERS = (
     "strategies",
     "coordinator",
     "aggregator",
+    "report",
     "broker",
     "scaffold",
     "datasets",
@@ -89,6 +91,7 @@ LAYERS: dict[str, Layer] = {
     "fedmq.durable_files": layer(["buffers"]),
     "fedmq.config_file": layer(["errors"]),
     "fedmq.systemd": layer(),
+    "fedmq.log_format": layer(),
     "fedmq.wire": layer(["errors", "buffers"], ["msgpack", "zstandard", "nacl"]),
     "fedmq.bundle": layer(["errors", "buffers", "wire"]),
     "fedmq.runtime": layer(["errors", "buffers", "wire", "bundle"], ["onnxruntime"]),
@@ -108,12 +111,14 @@ LAYERS: dict[str, Layer] = {
     "edge_agent": layer([*HELPERS, "wire", "bundle", "runtime", "transport"], asyncio=True),
     "fedmq.aggregator": layer(
         [*HELPERS, "wire", "bundle", "strategies", "coordinator", "transport"],
-        ["onnx"],
+        ["onnx", "prometheus_client"],
         asyncio=True,
     ),
+    "fedmq.report": layer([*HELPERS, "coordinator", "aggregator"], ["matplotlib"], asyncio=True),
+    "fedmq.monitor": layer([*HELPERS, "wire", "transport"], ["rich"], asyncio=True),
     "fedmq.simulate": layer(
         [*HELPERS, "wire", "bundle", "runtime", "transport", "edge_agent", *SERVER_LAYERS],
-        ["typer", "rich", "matplotlib", "sklearn"],
+        ["typer", "rich", "sklearn"],
         asyncio=True,
     ),
     "fedmq.cli": layer(  # everything but fedmq.testing
@@ -127,6 +132,7 @@ LAYERS: dict[str, Layer] = {
             *SERVER_LAYERS,
             "compile",
             "simulate",
+            "monitor",
         ],
         ["typer", "rich"],
         asyncio=True,

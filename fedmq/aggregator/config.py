@@ -40,6 +40,7 @@ from fedmq.coordinator.screening import (
 )
 from fedmq.coordinator.selection import SelectAll, SelectFraction, Selection, SelectList
 from fedmq.errors import ConfigError, LocalProtocolError
+from fedmq.log_format import LogFormat
 from fedmq.strategies.config import StrategyConfig, build_strategy
 from fedmq.transport.blobs import check_chunk_fits, fit_chunk_size
 from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection, BrokerUrl
@@ -208,6 +209,11 @@ class AggregatorSettings(EnvFirstSettings):
     shutdown_grace_s: float = Field(SHUTDOWN_GRACE, ge=0)
     exit_when_finished: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: LogFormat = Field("text", description="text, or json: one object per line")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="serve Prometheus metrics here (None: off; 0: any)"
+    )
+    metrics_address: str = Field("0.0.0.0", min_length=1, description="metrics bind address")
 
     @property
     def client_id(self) -> str:

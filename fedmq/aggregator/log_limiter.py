@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 BURST = 5  # lines per reason and interval
 INTERVAL = 10.0  # seconds
@@ -42,20 +43,36 @@ class LogLimiter:
         self._sent: Counter[str] = Counter()
         self._held: Counter[str] = Counter()
 
-    def log(self, key: str, level: int, message: str, *args: object) -> None:
-        """Log ``message % args`` unless ``key`` has used up its burst in this interval."""
+    def log(
+        self,
+        key: str,
+        level: int,
+        message: str,
+        *args: object,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Log ``message % args`` unless ``key`` has used up its burst in this interval.
+
+        ``extra``: fields for the log record (``round``, ``client``: see
+        :mod:`fedmq.log_format`); the summary line carries only ``reason``.
+        """
         now = self._clock()
         start = self._window_start.get(key)
         if start is None or now - start >= self._interval:
             held = self._held.pop(key, 0)
             if held and start is not None:
                 self._log.log(
-                    level, "%d more like the above (%s) in the last %.0f s", held, key, now - start
+                    level,
+                    "%d more like the above (%s) in the last %.0f s",
+                    held,
+                    key,
+                    now - start,
+                    extra={"reason": key},
                 )
             self._window_start[key] = now
             self._sent[key] = 0
         if self._sent[key] < self._burst:
             self._sent[key] += 1
-            self._log.log(level, message, *args)
+            self._log.log(level, message, *args, extra=extra)
         else:
             self._held[key] += 1

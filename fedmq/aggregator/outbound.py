@@ -75,4 +75,4 @@ class Outbound:
                     indices=action.indices,
                 )
             case ClearBlob():
-                await clear_blob(session, topics, action.ref)
+                await clear_blob(session, topics, action.ref, action.first)

@@ -8,7 +8,8 @@ The service owns the IO the coordinator asks for and nothing else::
         VerifyUpdate                                      decoded in a worker thread
         PersistUpdate                                     batched, fsync'd, then reported back
         ArmTimer                                          re-arms the timer task
-        StatusChanged/RoundClosed/UpdateRejected/…        counted, logged, status published
+        StatusChanged                                     status published
+        RoundClosed/UpdateRejected/Noted/…                counted, logged, measured (reporting)
 
 At start the coordinator comes from the state directory (:mod:`~fedmq.aggregator.recovery`).
 
@@ -28,17 +29,16 @@ import contextlib
 import logging
 import signal
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import Any
 
 from fedmq.aggregator.config import AggregatorSettings
 from fedmq.aggregator.devices import REFRESH_INTERVAL, DeviceRegistry
-from fedmq.aggregator.log_limiter import LogLimiter
 from fedmq.aggregator.memory import trim_heap
 from fedmq.aggregator.outbound import Outbound
 from fedmq.aggregator.recovery import load_coordinator
+from fedmq.aggregator.reporting import Reporter
 from fedmq.aggregator.statistics import AggregatorStatistics
 from fedmq.aggregator.store import StateStore
 from fedmq.aggregator.supervision import notify_systemd
@@ -100,8 +100,7 @@ class AggregatorService:
     ) -> None:
         self.settings = settings
         self.clock = clock
-        self._counters: Counter[str] = Counter()
-        self._rejections = LogLimiter(log)
+        self._reporter = Reporter(settings, clock=clock)  # counters, logs, metrics
         self._fatal: ConfigError | None = None  # a setting the broker cannot honour
         self.finished = False
         self._stop = asyncio.Event()
@@ -136,6 +135,11 @@ class AggregatorService:
         return self._coordinator
 
     @property
+    def metrics_port(self) -> int | None:
+        """The port Prometheus metrics are served on (None: ``metrics_port`` unset)."""
+        return self._reporter.metrics_port
+
+    @property
     def store(self) -> StateStore:
         """The state directory."""
         if self._store is None:
@@ -145,7 +149,7 @@ class AggregatorService:
     def statistics(self) -> AggregatorStatistics:
         """A frozen snapshot of the service's counters."""
         coordinator = self._coordinator
-        counters = self._counters
+        counters = self._reporter.counters
         prefix = "rejected."
         return AggregatorStatistics(
             phase=coordinator.phase if coordinator is not None else None,
@@ -158,6 +162,8 @@ class AggregatorService:
             rounds_closed=counters["rounds.closed"],
             rounds_failed=counters["rounds.failed"],
             finished=self.finished,
+            bytes_in=coordinator.report.total.bytes_in if coordinator is not None else 0,
+            bytes_out=coordinator.report.total.bytes_out if coordinator is not None else 0,
         )
 
     async def wait_started(self) -> None:
@@ -221,12 +227,16 @@ class AggregatorService:
                 topics.aggregator_status(), encode_control(offline, coordinator.config.signer)
             ),
             on_connect=self._on_connect,
+            no_local=[topics.blobs_filter()],
         )
         self._session = session
         outbound = Outbound(session, topics, self.settings.client_id)
         self._outbound = outbound
+        self._reporter.bind(coordinator, session, self.store)
         try:
+            await self._reporter.start()  # the metrics endpoint (ConfigError: port taken)
             async with asyncio.TaskGroup() as group:
+                self._spawn(group, self._reporter.run(self._lock.locked), "report")
                 self._group = group
                 self._spawn(group, session.run(self._on_message), "receive")
                 self._spawn(group, outbound.run(), "send")
@@ -242,6 +252,7 @@ class AggregatorService:
                 for task in [*self._tasks, *self._loose]:
                     task.cancel()
         finally:
+            await self._reporter.close()
             self.store.close()
         if self._broken is not None:
             raise StateError(f"stopped after a state directory failure: {self._broken}")
@@ -368,22 +379,27 @@ class AggregatorService:
 
     async def _apply(self, actions: Sequence[Action]) -> None:
         """Execute actions in order; call with the lock held."""
-        store = self.store
+        store, persist = self.store, self._reporter.persist
         for action in actions:
             if self._broken is not None:
                 return  # the disk is behind the coordinator: act on nothing more
             try:
                 match action:
                     case SaveState():
-                        await asyncio.to_thread(store.save_snapshot, action.snapshot)
+                        await persist("state", store.save_snapshot, action.snapshot)
                     case SaveCheckpoint():
-                        await asyncio.to_thread(
-                            store.save_checkpoint, action.round, action.params, action.optimizer
+                        await persist(
+                            "checkpoint",
+                            store.save_checkpoint,
+                            action.round,
+                            action.params,
+                            action.optimizer,
                         )
                     case SaveRecord():
-                        await asyncio.to_thread(store.save_record, action.record)
+                        await persist("record", store.save_record, action.record)
+                        self._reporter.recorded(action.record)
                     case PruneUpdates():
-                        await asyncio.to_thread(store.prune_updates, action.before)
+                        await persist("prune", store.prune_updates, action.before)
                     case _:
                         self._dispatch(action)
             except (OSError, StateError) as exc:
@@ -408,29 +424,12 @@ class AggregatorService:
                 self._timer_event.set()
             case StatusChanged():
                 self._status_event.set()
-            case UpdateRejected():
-                self._counters[f"rejected.{action.reason}"] += 1
-                self._rejections.log(
-                    action.reason,
-                    logging.WARNING,
-                    "rejected %s from %s (round %d): %s",
-                    f"update {action.update_id}" if action.update_id else "a chunk",
-                    action.client,
-                    action.round,
-                    action.detail,
-                )
-            case Noted():
-                log.log(
-                    logging.WARNING if action.level == "warning" else logging.INFO,
-                    "%s",
-                    action.message,
-                )
-            case RoundClosed():
-                self._counters[f"rounds.{action.outcome}"] += 1
-                log.info("round %d %s (%s)", action.round, action.outcome, action.reason)
+                self._reporter.status_changed()
+            case UpdateRejected() | Noted() | RoundClosed():
+                self._reporter.event(action)
             case FederationFinished():
                 self.finished = True
-                log.info("federation finished: %s", action.reason)
+                self._reporter.event(action)
                 # The final status goes out before a service that exits now stops.
                 self._queue_status()
                 if self.settings.exit_when_finished:
@@ -476,15 +475,17 @@ class AggregatorService:
                 batch.append(self._commits.get_nowait())
             error: str | None = None
             try:
-                await asyncio.to_thread(store.persist_updates, batch)
+                await self._reporter.persist("updates", store.persist_updates, batch)
             except OSError as exc:
                 error = str(exc)
             async with self._lock:
                 for ticket in batch:
                     now = self.clock()
                     if error is None:
-                        self._counters["accepted"] += 1
-                        await self._apply(self.coordinator.persisted(ticket, now))
+                        with self._reporter.folding():
+                            actions = self.coordinator.persisted(ticket, now)
+                        self._reporter.accepted(ticket)
+                        await self._apply(actions)
                     else:
                         await self._apply(self.coordinator.persist_failed(ticket, error, now))
             for _ in batch:

@@ -21,6 +21,9 @@ class AggregatorStatistics:
         rounds_closed: rounds closed with a new model.
         rounds_failed: rounds that ended without one.
         finished: the federation has run its last round.
+        bytes_in: update chunk bytes received since the service started.
+        bytes_out: blob and control bytes it asked to publish since then (not the
+            retained status itself).
     """
 
     phase: Phase | None
@@ -31,3 +34,5 @@ class AggregatorStatistics:
     rounds_closed: int
     rounds_failed: int
     finished: bool
+    bytes_in: int = 0
+    bytes_out: int = 0

@@ -11,6 +11,8 @@
       rounds/<round>/updates/<seq>@<client>@<update id>.update
                                              accepted update envelopes, as received
       rounds/<round>/record.json             how the round went (metrics, contributors)
+      rounds/<round>/stats.json              what the service measured of it (bytes,
+                                             agents that never answered); informational
 
 Every file is written through :mod:`fedmq.durable_files` (a temporary name in its final
 directory, fsync'd, renamed over its final name, the directory fsync'd): after a crash a
@@ -29,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from fedmq.durable_files import (
 from fedmq.errors import StateError
 
 STATE_FILE = "state.json"
+ROUND_STATS_FILE = "stats.json"
 _ROUND_DIGITS = 6
 _UPDATE_NAME = re.compile(
     r"(?P<seq>\d+)@(?P<client>[A-Za-z0-9._-]+)@(?P<uid>[A-Za-z0-9._-]+)\.update"
@@ -281,17 +284,33 @@ class StateStore:
         """Every stored round record, in round order."""
         yield from read_records(self.root)
 
+    def save_round_stats(self, round_id: int, stats: dict[str, Any]) -> None:
+        """Store what the service measured of an ended round (``fedmq report`` shows it).
+
+        Atomic but not fsync'd: nothing depends on it after a crash.
+        """
+        path = self.round_dir(round_id) / ROUND_STATS_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_file(path, json.dumps(stats, sort_keys=True).encode(), durable=False)
+
 
 def _checkpoint_of(snapshot: dict[str, Any]) -> int | None:
     checkpoint = snapshot.get("checkpoint")
     return checkpoint if isinstance(checkpoint, int) else None
 
 
-def read_records(state_dir: Path) -> Iterator[RoundRecord]:
+def read_records(
+    state_dir: Path, on_error: Callable[[Path, StateError], None] | None = None
+) -> Iterator[RoundRecord]:
     """Round records of a state directory, in round order (no lock: read-only).
 
+    Args:
+        state_dir: the state directory (may belong to a running service).
+        on_error: called with a record that cannot be read, which is then skipped
+            (None: raise).
+
     Raises:
-        StateError: a record file is not a valid round record.
+        StateError: a record file is not a valid round record (without ``on_error``).
     """
     rounds = state_dir / "rounds"
     if not rounds.is_dir():
@@ -301,6 +320,30 @@ def read_records(state_dir: Path) -> Iterator[RoundRecord]:
         if not path.is_file():
             continue
         try:
-            yield RoundRecord.from_json(json.loads(path.read_bytes()))
+            record = RoundRecord.from_json(json.loads(path.read_bytes()))
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StateError(f"{path} is not a valid round record: {exc}") from exc
+            error = StateError(f"{path} is not a valid round record: {exc}")
+            if on_error is None:
+                raise error from exc
+            on_error(path, error)
+            continue
+        yield record
+
+
+def read_round_stats(state_dir: Path) -> dict[int, dict[str, Any]]:
+    """The ``stats.json`` of every round that has one, by round (no lock: read-only).
+
+    A missing, unreadable or malformed file is skipped: the stats are informational.
+    """
+    rounds = state_dir / "rounds"
+    if not rounds.is_dir():
+        return {}
+    found: dict[int, dict[str, Any]] = {}
+    for directory in sorted(d for d in rounds.iterdir() if d.name.isdigit()):
+        try:
+            data = json.loads((directory / ROUND_STATS_FILE).read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            found[int(directory.name)] = data
+    return found

@@ -15,7 +15,7 @@ from fedmq import exit_codes
 SERVER_EXTRA = "pip install 'fedmq[server]'"
 # Imported by the commands and installed by the server extra (click comes with typer,
 # cryptography is `fedmq pki`'s).
-SERVER_EXTRA_MODULES = frozenset({"typer", "click", "rich", "cryptography"})
+SERVER_EXTRA_MODULES = frozenset({"typer", "click", "rich", "cryptography", "prometheus_client"})
 
 _missing: str | None = None
 try:

@@ -6,8 +6,11 @@ import typer
 
 from fedmq.cli.clear_cmd import clear_command
 from fedmq.cli.compile_cmd import compile_command
+from fedmq.cli.monitor_cmd import monitor_command
 from fedmq.cli.new_cmd import new_command
 from fedmq.cli.pki_cmd import pki_app
+from fedmq.cli.report_cmd import report_command
+from fedmq.cli.schema_cmd import schema_command
 from fedmq.cli.serve_cmd import export_command, serve_command
 from fedmq.cli.simulate_cmd import simulate_command
 
@@ -26,6 +29,9 @@ app.command("export")(export_command)
 app.command("simulate")(simulate_command)
 app.command("new")(new_command)
 app.command("clear")(clear_command)
+app.command("report")(report_command)
+app.command("monitor")(monitor_command)
+app.command("schema")(schema_command)
 app.add_typer(pki_app, name="pki")
 
 

@@ -18,6 +18,7 @@ from fedmq.aggregator.config import load_settings
 from fedmq.aggregator.export import export_onnx
 from fedmq.aggregator.service import serve
 from fedmq.errors import BundleError, ConfigError, StateError
+from fedmq.log_format import LOG_FORMATS, LogFormat, configure_logging
 
 log = logging.getLogger("fedmq.serve")
 
@@ -32,16 +33,34 @@ def _fail(code: int, message: str) -> typer.Exit:
     return typer.Exit(code)
 
 
-def serve_command(config: ConfigOption = Path("federation.toml")) -> None:
+def serve_command(
+    config: ConfigOption = Path("federation.toml"),
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            min=0,
+            max=65535,
+            help="serve Prometheus metrics on this port (overrides metrics_port)",
+        ),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option("--log-format", help="text or json (overrides log_format)"),
+    ] = None,
+) -> None:
     """Run the aggregator of one federation until SIGTERM/SIGINT or its last round."""
+    if log_format is not None and log_format not in LOG_FORMATS:
+        raise _fail(exit_codes.USAGE, f"--log-format must be text or json, not {log_format!r}")
     try:
         settings = load_settings(config)
     except ConfigError as exc:
         raise _fail(exit_codes.CONFIG_ERROR, str(exc)) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    # The command line wins over the file and the environment.
+    flags = {"metrics_port": metrics_port, "log_format": log_format}
+    settings = settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    chosen: LogFormat = settings.log_format
+    configure_logging(settings.log_level, chosen, federation=settings.federation)
     try:
         asyncio.run(serve(settings))
     except (ConfigError, BundleError) as exc:

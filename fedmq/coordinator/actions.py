@@ -50,9 +50,14 @@ class PublishBlob:
 
 @dataclass(frozen=True)
 class ClearBlob:
-    """Delete a blob's retained chunks: no announcement references it any more."""
+    """Delete a blob's retained chunks: no announcement references it any more.
+
+    ``first`` > 0 clears only the chunks from that index on (the surplus of an old,
+    finer chunking of a blob that is published again).
+    """
 
     ref: BlobRef
+    first: int = 0
 
 
 @dataclass(frozen=True)

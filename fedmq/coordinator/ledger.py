@@ -103,14 +103,16 @@ class BlobLedger:
         """Publish the referenced blobs not yet published (every one when ``again``).
 
         A blob retained under another chunk size (a restart with a new ``chunk_size``, or
-        :meth:`rechunk`) has its old chunks cleared first, so none is left behind.
+        :meth:`rechunk`) has the old chunks beyond the new count cleared, so none is
+        left behind.
         """
         actions: list[PublishBlob | ClearBlob] = []
         for ref in self.referenced():
             if again or ref.sha256 not in self._published:
                 old = self._retained.get(ref.sha256)
-                if old is not None and old != ref:
-                    actions.append(ClearBlob(old))
+                if old is not None and old != ref and old.count > ref.count:
+                    # The new chunks overwrite the old ones' topics; clear the rest.
+                    actions.append(ClearBlob(old, first=ref.count))
                 self._retained[ref.sha256] = ref
                 self._published.add(ref.sha256)
                 actions.append(PublishBlob(ref, self.data(ref), round_id))

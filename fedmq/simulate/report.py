@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import fedmq
 from fedmq.errors import ConfigError
+from fedmq.report.formatting import cell, human_bytes
 from fedmq.simulate.rounds import COLUMNS, RoundRow
 
 if TYPE_CHECKING:
@@ -144,14 +145,6 @@ def build_summary(
     }
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def rows_csv(rows: Sequence[RoundRow]) -> str:
     """The rows as CSV text with a header line."""
     buffer = io.StringIO()
@@ -159,7 +152,7 @@ def rows_csv(rows: Sequence[RoundRow]) -> str:
     writer.writerow(COLUMNS)
     for row in rows:
         values = row.as_dict()
-        writer.writerow([_cell(values[name]) for name in COLUMNS])
+        writer.writerow([cell(values[name]) for name in COLUMNS])
     return buffer.getvalue()
 
 
@@ -173,15 +166,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def human_bytes(count: float) -> str:
-    """``1.5 MiB``-style size."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024 or unit == "GiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    raise AssertionError("unreachable")
 
 
 def summary_text(summary: dict[str, Any], rows: Sequence[RoundRow]) -> str:

@@ -188,10 +188,10 @@ async def publish_blob(
     )
 
 
-async def clear_blob(session: MqttSession, topics: Topics, ref: BlobRef) -> None:
-    """Delete a blob's retained chunks (an empty retained message clears a topic)."""
+async def clear_blob(session: MqttSession, topics: Topics, ref: BlobRef, first: int = 0) -> None:
+    """Delete a blob's retained chunks from ``first`` on (an empty retained message clears)."""
     async with asyncio.TaskGroup() as group:
-        for index in range(ref.count):
+        for index in range(first, ref.count):
             group.create_task(
                 session.publish(topics.blob(ref.sha256, index), b"", qos=1, retain=True)
             )

@@ -22,6 +22,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmq.backoff import Backoff
 from fedmq.errors import ConfigError, TransportError
@@ -231,6 +232,7 @@ class MqttSession:
         on_connect: ConnectHook | None = None,
         backoff: Backoff | None = None,
         max_queued_incoming: int = 0,
+        no_local: Sequence[str] = (),
     ) -> None:
         self.settings = settings
         self._address = settings.address
@@ -239,6 +241,9 @@ class MqttSession:
         self._on_connect = on_connect
         self._backoff = backoff or Backoff()
         self._max_queued_incoming = max_queued_incoming
+        # Filters whose matches we publish ourselves: on MQTT 5 the broker does not echo
+        # our own messages back (they would take room in our queue for nothing).
+        self._no_local = frozenset(no_local)
         self._control_tasks: set[asyncio.Task[None]] = set()
         self._unsubscribing: set[str] = set()  # unsubscribes not acknowledged yet
         self._client: aiomqtt.Client | None = None
@@ -428,7 +433,11 @@ class MqttSession:
         client.timeout = CONNECT_TIMEOUT
         # Copies: other tasks may (un)subscribe while we await the acks.
         for topic_filter, qos in list(self._subscriptions.items()):
-            await client.subscribe(topic_filter, qos)
+            if topic_filter in self._no_local and self.settings.protocol == "5":
+                options = SubscribeOptions(qos=qos, noLocal=True)
+                await client.subscribe(topic_filter, options=options)
+            else:
+                await client.subscribe(topic_filter, qos)
         for topic_filter in list(self._unsubscribing):
             self._send_unsubscribe(topic_filter)
         self.connections += 1

@@ -400,8 +400,8 @@ url = "{broker.url}"
     return path
 
 
-def serve_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    """``fedmq serve --config <config>`` as a real process (kill -9 is real)."""
+def serve_process(config: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """``fedmq serve --config <config> [args]`` as a real process (kill -9 is real)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FEDMQ_")}
     with open(log, "ab") as stream:
         return subprocess.Popen(
@@ -412,6 +412,7 @@ def serve_process(config: Path, log: Path) -> subprocess.Popen[bytes]:
                 "serve",
                 "--config",
                 str(config),
+                *args,
             ],
             stdout=stream,
             stderr=subprocess.STDOUT,

@@ -25,7 +25,7 @@ def run_fedmq(*args: str, blocked: str | None = None) -> subprocess.CompletedPro
     )
 
 
-@pytest.mark.parametrize("missing", ["typer", "rich"])
+@pytest.mark.parametrize("missing", ["typer", "rich", "prometheus_client"])
 def test_fedmq_without_the_server_extra_says_what_to_install(missing: str) -> None:
     result = run_fedmq("--help", blocked=missing)
     assert result.returncode == exit_codes.CONFIG_ERROR, result.stderr
