@@ -10,7 +10,8 @@
 #      private keys device.key and device.sign 0600 root:root.  The service runs under
 #      a systemd DynamicUser and never reads the keys there: LoadCredential= hands it
 #      copies only it can read (see deploy/fedmq-agent.service),
-#   3. checks the installed configuration with `fedmq-agent check`,
+#   3. checks the installed configuration with `fedmq-agent check --config-only` (the
+#      device's data need not exist yet: run `fedmq-agent check` once it does),
 #   4. installs deploy/fedmq-agent.service, runs `systemctl daemon-reload`, enables the
 #      unit and (re)starts it.
 # Running it again with the same or a new bundle or package converges to the same
@@ -230,7 +231,9 @@ note "installed $R$UNIT_DIR/$UNIT_NAME"
 
 # ---------------------------------------------------------------- check
 if [ "$CHECK" = yes ]; then
-    if ! "$VENV/bin/fedmq-agent" check --config "$R$ETC/agent.toml" >"$WORK/check" 2>&1; then
+    # --config-only: provisioning often precedes the data; the data is checked later.
+    if ! "$VENV/bin/fedmq-agent" check --config-only --config "$R$ETC/agent.toml" \
+        >"$WORK/check" 2>&1; then
         cat "$WORK/check" >&2
         die "the installed configuration fails \`fedmq-agent check\` (above); fix the bundle" \
             "or the device (e.g. create data.path) and run again (--no-check skips this)"

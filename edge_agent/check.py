@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_EVAL_EXAMPLES = 1024
 NO_BUNDLE_HINT = "no bundle to fit against yet: pass --bundle DIR"
 
+
 @dataclass(frozen=True)
 class FoundBundle:
     """A bundle to fit the data to, and where it came from (for the report)."""
@@ -65,9 +66,7 @@ def load_bundle_dir(directory: Path) -> FoundBundle:
 def _answered_with(settings: AgentSettings, sha256: str) -> str:
     """How ``state.json`` relates to the cached bundle ``sha256``, for the report."""
     try:
-        state = PersistentState.model_validate_json(
-            (settings.state_dir / STATE_FILE).read_bytes()
-        )
+        state = PersistentState.model_validate_json((settings.state_dir / STATE_FILE).read_bytes())
     except (OSError, ValidationError):
         return "no round answered with it yet"
     if state.federation != settings.federation or state.bundle != sha256:

@@ -1,8 +1,10 @@
 """``fedmq simulate``: broker, aggregator and N agents on this machine, then a report.
 
 Exit codes: 0 done (the report path is printed on stdout), 2 bad option, 78 bad project
-or environment, 70 the simulation failed (a part crashed, rounds stalled, the broker
-would not start), 130 interrupted.  Everything started is stopped in every case.
+or environment (or an external broker's topic root in use), 70 the simulation failed (a
+part crashed, rounds stalled, the broker would not start or could not be reached), 130
+interrupted.  Everything started is stopped in every case, and on an external broker
+what the run retained there is cleared.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -22,8 +25,11 @@ from fedmq.errors import BundleError, ConfigError, FedmqError
 from fedmq.simulate.options import (
     DEFAULT_AGENTS,
     DEFAULT_MODEL,
+    PASSWORD_ENV,
     SimulationOptions,
     TrainingOverrides,
+    external_broker,
+    is_broker_url,
     parse_fraction,
     parse_partition,
 )
@@ -31,13 +37,66 @@ from fedmq.simulate.progress import ProgressView
 from fedmq.simulate.report import LOG_FILE, prepare_out_dir
 from fedmq.simulate.runner import Simulation, SimulationResult, default_out
 from fedmq.simulate.settings import QUIET_FLEET
+from fedmq.transport.broker_config import BrokerSection
 
 log = logging.getLogger("fedmq.simulate")
+
+
+BROKER_HELP = (
+    "auto, mosquitto or embedded: a private broker on this machine; or mqtt(s)://HOST:PORT: "
+    "rehearse on that running broker (the plant's, a restrictive test listener) under a "
+    "unique --topic-root, clearing what the run retained there at the end. Every "
+    "simulated agent connects with its own client id and the same credentials, so use a "
+    "broker that accepts the simulator's clients (--username and "
+    f"{PASSWORD_ENV}, or a test listener): one that takes identities from client "
+    "certificates (fedmq's production ACL: CN = client id) needs a certificate per agent"
+)
+EXTERNAL_ONLY = "only with --broker mqtt(s)://HOST:PORT"
 
 
 def _fail(console: Console, code: int, message: str) -> typer.Exit:
     console.print(f"fedmq simulate: {message}", style="red", highlight=False)
     return typer.Exit(code)
+
+
+def _external(
+    broker: str,
+    *,
+    username: str | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
+    protocol: str | None,
+    max_packet_size: int | None,
+) -> BrokerSection | None:
+    """The external broker ``--broker`` names (None: a private broker is started).
+
+    Raises:
+        ConfigError: a broker option without a broker URL, or an invalid one.
+    """
+    given = {
+        "--username": username,
+        "--ca-file": ca_file,
+        "--cert-file": cert_file,
+        "--key-file": key_file,
+        "--protocol": protocol,
+        "--max-packet-size": max_packet_size,
+    }
+    if not is_broker_url(broker):
+        misplaced = [option for option, value in given.items() if value is not None]
+        if misplaced:
+            raise ConfigError(f"{', '.join(misplaced)}: {EXTERNAL_ONLY}")
+        return None
+    return external_broker(
+        broker,
+        username=username,
+        password=os.environ.get(PASSWORD_ENV) or None,
+        ca_file=ca_file,
+        cert_file=cert_file,
+        key_file=key_file,
+        protocol=protocol or "5",
+        max_packet_size=max_packet_size,
+    )
 
 
 def simulate_command(
@@ -73,7 +132,29 @@ def simulate_command(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="report directory (default reports/…)")
     ] = None,
-    broker: Annotated[str, typer.Option(help="auto, mosquitto or embedded")] = "auto",
+    broker: Annotated[str, typer.Option(help=BROKER_HELP)] = "auto",
+    topic_root: Annotated[
+        str | None,
+        typer.Option(help="topic root (default on an external broker: fedmq-sim-<random>)"),
+    ] = None,
+    username: Annotated[
+        str | None,
+        typer.Option(help=f"external broker username; the password comes from {PASSWORD_ENV}"),
+    ] = None,
+    ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle verifying an mqtts:// broker")
+    ] = None,
+    cert_file: Annotated[
+        Path | None, typer.Option(help="client certificate (mTLS), shared by every client")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(help="private key of --cert-file")] = None,
+    protocol: Annotated[
+        str | None, typer.Option(help="external broker's MQTT version: 5 (default) or 3.1.1")
+    ] = None,
+    max_packet_size: Annotated[
+        int | None,
+        typer.Option(help="external broker's packet cap in bytes (3.1.1 brokers do not say)"),
+    ] = None,
     deadline: Annotated[
         float | None, typer.Option(help="round deadline, seconds (default 60 + 0.1/agent)")
     ] = None,
@@ -98,6 +179,15 @@ def simulate_command(
             raise ConfigError(
                 f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
             )
+        external = _external(
+            broker,
+            username=username,
+            ca_file=ca_file,
+            cert_file=cert_file,
+            key_file=key_file,
+            protocol=protocol,
+            max_packet_size=max_packet_size,
+        )
         options = SimulationOptions(
             agents=agents,
             rounds=rounds,
@@ -110,7 +200,9 @@ def simulate_command(
             project=project,
             seed=seed,
             out=out,
-            broker=broker,  # type: ignore[arg-type]
+            broker="auto" if external else broker,  # type: ignore[arg-type]
+            external_broker=external,
+            topic_root=topic_root,
             deadline_s=deadline,
             training=TrainingOverrides(epochs, lr, batch_size, optimizer),  # type: ignore[arg-type]
             keep_updates=keep_updates,

@@ -310,15 +310,20 @@ class ProcessFleet:
     Args:
         configs: ``agent.toml`` path per client id.
         log_dir: where each agent's stderr goes (``<client>.log``).
+        env: variables every agent gets on top of ours (e.g. the broker password,
+            kept out of the ``agent.toml`` files).
     """
 
-    def __init__(self, configs: dict[str, Path], log_dir: Path) -> None:
+    def __init__(
+        self, configs: dict[str, Path], log_dir: Path, *, env: dict[str, str] | None = None
+    ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self._procs = {
             client: _Process(config, log_dir / f"{client}.log")
             for client, config in configs.items()
         }
         self._preexec = die_with_parent()
+        self._env = dict(env or {})
 
     @property
     def clients(self) -> Sequence[str]:
@@ -338,6 +343,7 @@ class ProcessFleet:
         proc = self._procs[client]
         # The agent reads FEDMQ_AGENT_* and systemd's NOTIFY_SOCKET: ours are not its.
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FEDMQ_", "NOTIFY_"))}
+        env.update(self._env)
         command = [sys.executable, "-m", "edge_agent", "run", "--config", str(proc.config)]
         with open(proc.log, "ab") as sink:
             proc.popen = subprocess.Popen(

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +53,8 @@ class Observer:
     """Watches one federation on one broker.
 
     Args:
-        broker: connection settings (a unique client id is added).
+        broker: connection settings (credentials, TLS files) with a client id unique
+            on the broker.
         topics: the federation's topics.
         on_announcement: called for every round announcement, in the event loop.
         on_ack: called for every ack, in the event loop.
@@ -79,15 +80,8 @@ class Observer:
         self._on_ack_hook = on_ack
         self._assembling: dict[tuple[str, str], BlobAssembler] = {}
         self._kept: set[tuple[str, str]] = set()
-        settings = BrokerSettings(
-            url=broker.url,
-            client_id=f"fedmq-sim-observer-{uuid.uuid4().hex[:8]}",
-            username=broker.username,
-            password=broker.password,
-            protocol=broker.protocol,
-            # Queued chunks survive a reconnect (chaos tests restart the broker).
-            persistent_session=True,
-        )
+        # Queued chunks survive a reconnect (chaos tests restart the broker).
+        settings = dataclasses.replace(broker, persistent_session=True)
         ack_filter = f"{topics.prefix}/ack/+"
         self._session = MqttSession(
             settings,

@@ -12,10 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
+from pydantic import ValidationError
+
+from fedmq.config_file import describe
 from fedmq.datasets.partition import PartitionSpec
-from fedmq.errors import ConfigError, LocalProtocolError, UnsupportedCodecError
+from fedmq.errors import (
+    ConfigError,
+    InvalidIdentifierError,
+    LocalProtocolError,
+    UnsupportedCodecError,
+)
 from fedmq.simulate.chaos import victim_count
 from fedmq.strategies.config import StrategyName
+from fedmq.transport.broker_config import BrokerSection
+from fedmq.wire.ids import validate_root
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.training import OptimizerName
 
@@ -38,6 +48,21 @@ MAX_DEADLINE = 24 * 3600.0  # seconds
 MAX_EPOCHS = 1000  # as TrainingConfig allows
 MAX_LR = 10.0  # as TrainingConfig allows
 MAX_BATCH = 65536  # as TrainingConfig allows
+# The external broker's password: an environment variable, never an option (a command
+# line is visible to every user of the machine).  The one FEDMQ_* variable the
+# simulator accepts: no settings source reads it (check_environment).
+PASSWORD_ENV = "FEDMQ_SIMULATE_PASSWORD"
+# Options naming the [broker] fields they set, for error messages.
+BROKER_OPTIONS = {
+    "url": "--broker",
+    "username": "--username",
+    "password": PASSWORD_ENV,
+    "ca_file": "--ca-file",
+    "cert_file": "--cert-file",
+    "key_file": "--key-file",
+    "protocol": "--protocol",
+    "max_packet_size": "--max-packet-size",
+}
 
 
 @dataclass(frozen=True)
@@ -76,7 +101,11 @@ class SimulationOptions:
         project: a ``fedmq new`` project directory.
         seed: seed of the data split and of the choice of dropped agents.
         out: report directory (None: ``reports/<name>-<timestamp>``).
-        broker: which broker to start.
+        broker: which broker to start (ignored with ``external_broker``).
+        external_broker: a running broker to use instead of starting one (``--broker
+            mqtt(s)://…``): its address, credentials, TLS files, protocol and packet cap.
+        topic_root: topic root of the run (None: ``fedmq-sim-<random>`` on an external
+            broker, the project's or ``fedmq`` on a private one).
         deadline_s: round deadline (None: the default for simulations).
         training: local-training overrides.
         keep_updates: keep every update envelope seen on the wire in the report.
@@ -94,6 +123,8 @@ class SimulationOptions:
     seed: int = 0
     out: Path | None = None
     broker: BrokerChoice = "auto"
+    external_broker: BrokerSection | None = None
+    topic_root: str | None = None
     deadline_s: float | None = None
     training: TrainingOverrides = field(default_factory=TrainingOverrides)
     keep_updates: bool = False
@@ -121,7 +152,15 @@ class SimulationOptions:
         if self.model not in MODELS:
             raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
         if self.broker not in BROKERS:
-            raise ConfigError(f"--broker must be one of {', '.join(BROKERS)}, got {self.broker!r}")
+            raise ConfigError(
+                f"--broker must be one of {', '.join(BROKERS)} or mqtt(s)://HOST:PORT, "
+                f"got {self.broker!r}"
+            )
+        if self.topic_root is not None:
+            try:
+                validate_root(self.topic_root)
+            except InvalidIdentifierError as exc:
+                raise ConfigError(f"--topic-root: {exc}") from None
         if self.strategy is not None and self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"
@@ -151,6 +190,60 @@ def _check_training(training: TrainingOverrides) -> None:
         raise ConfigError(
             f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {training.optimizer!r}"
         )
+
+
+def is_broker_url(text: str) -> bool:
+    """True when ``--broker`` names an external broker rather than one to start."""
+    return "://" in text
+
+
+def external_broker(
+    url: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    protocol: str = "5",
+    max_packet_size: int | None = None,
+) -> BrokerSection:
+    """The ``[broker]`` settings every part of a simulation uses on an external broker.
+
+    The same fields as ``[broker]`` of ``federation.toml`` and ``agent.toml``, validated
+    by the same model; files are made absolute (subprocess agents read them from TOML
+    files elsewhere).
+
+    Raises:
+        ConfigError: naming the option (a credential in the URL is refused: it would
+            be printed and written to the report).
+    """
+    if "@" in url.partition("://")[2].partition("/")[0]:
+        raise ConfigError(
+            f"--broker: put no credentials in the URL; use --username and {PASSWORD_ENV}"
+        )
+    try:
+        return BrokerSection(
+            url=url,
+            username=username,
+            password=password,  # pydantic makes it a SecretStr
+            ca_file=ca_file.resolve() if ca_file is not None else None,
+            cert_file=cert_file.resolve() if cert_file is not None else None,
+            key_file=key_file.resolve() if key_file is not None else None,
+            protocol=protocol,  # validated: "5" or "3.1.1"
+            max_packet_size=max_packet_size,
+        )
+    except ValidationError as exc:
+        raise ConfigError(f"invalid broker settings:\n{_option_names(describe(exc))}") from None
+
+
+def _option_names(text: str) -> str:
+    """``describe()`` lines in the words of the command line: ``--ca-file``, not ``ca_file``."""
+    text = text.replace("  <root>: ", "  ").replace("  url: ", "  --broker: ")
+    for field_name, option in BROKER_OPTIONS.items():
+        if field_name != "url":  # "url" is also a plain word in messages
+            text = re.sub(rf"\b{field_name}\b", option, text)
+    return text
 
 
 _FRACTION = re.compile(r"\s*(?P<num>[0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(?P<pct>%?)\s*")

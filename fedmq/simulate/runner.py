@@ -7,6 +7,10 @@
       ├── observer     a passive MQTT client counting bytes and acks
       └── agents       on an event loop of their own (a thread), or fedmq-agent subprocesses
 
+With ``--broker mqtt(s)://HOST:PORT`` there is no broker to start: the parts connect
+to that one, under a topic root and client ids of their own, and what the run retained
+there is cleared once everything has stopped (:mod:`~fedmq.simulate.external`).
+
 Every round, ``--drop-rate`` of the selected agents vanish the moment the round is
 announced, before they can answer (:mod:`~fedmq.simulate.chaos` says which): the round
 must close without them.  They come back, like rebooted devices, after that round
@@ -17,7 +21,8 @@ closes; the next round opens once the whole fleet is online again (``min_agents`
 :class:`contextlib.AsyncExitStack` before starting it (a half-started part is stopped
 too)::
 
-    work directory → broker → observer → agents → aggregator
+    work directory → broker (or the external broker's clean-up) → observer → agents
+    → aggregator
 
 Whatever happens — success, an error, Ctrl-C (a cancellation) — the progress view
 stops, then the stack stops the parts in reverse order, before :meth:`~Simulation.run`
@@ -48,6 +53,7 @@ from fedmq.coordinator.records import RoundRecord
 from fedmq.errors import FedmqError, SimulationError, StateError, TrainingError
 from fedmq.simulate.brokers import BrokerPlan, make_broker, plan_broker
 from fedmq.simulate.chaos import choose_victims
+from fedmq.simulate.external import Cleanup, check_unused, clean_up, run_name
 from fedmq.simulate.fleet import Fleet
 from fedmq.simulate.observer import Observer
 from fedmq.simulate.options import SimulationOptions
@@ -71,7 +77,7 @@ from fedmq.simulate.settings import (
     require_packages,
 )
 from fedmq.simulate.workloads import Workload, builtin_workload
-from fedmq.transport.mqtt import BrokerSettings
+from fedmq.transport.broker_config import BrokerSection
 from fedmq.wire.control import Ack, RoundAnnouncement
 from fedmq.wire.topics import Topics
 
@@ -125,7 +131,9 @@ class Simulation:
 
     After :meth:`run` (however it ended) ``broker``, ``observer``, ``fleet`` and
     ``service`` are the parts it started, stopped (None: not started), and ``dropped``
-    the agents it made vanish per round.
+    the agents it made vanish per round.  On an external broker (``options.
+    external_broker``) ``broker`` stays None, ``name`` prefixes every client id (and is
+    the default topic root), and ``cleanup`` says what was cleared there at the end.
 
     Args:
         options: what to simulate.
@@ -159,6 +167,8 @@ class Simulation:
         self.fleet: Fleet | None = None
         self.service: AggregatorService | None = None
         self.dropped: dict[int, list[str]] = {}
+        self.name = run_name()  # unique per run: keeps a shared broker's clients apart
+        self.cleanup: Cleanup | None = None
         self._rows: list[RoundRow] = []
         self._tests: dict[int, dict[str, float]] = {}
         self._started = time.monotonic()
@@ -185,18 +195,24 @@ class Simulation:
     async def _run(self, stack: contextlib.AsyncExitStack, started_at: float) -> SimulationResult:
         """Start every part on ``stack``, run the rounds, write the report."""
         options = self.options
+        external = options.external_broker
         work = stack.enter_context(scratch_dir("fedmq-sim-", shared_memory()))
-        clients = client_ids(options.agents)
+        clients = client_ids(options.agents, f"{self.name}-" if external else "")
         workload = await asyncio.to_thread(self._workload, clients, work / "data")
         out = prepare_out_dir(options.out or default_out(workload.name))
         self._metric = workload.evaluator.primary if workload.evaluator else None
         for note in workload.notes:
             self._say(f"note: {note}", "yellow")
-        # Validate the aggregator's settings before starting anything (the broker's
-        # address is not known yet: any will do for validation).
-        self._settings(workload, out, PLACEHOLDER_URL, "5")
-        broker, plan = await self._start_broker(stack)
-        settings = self._settings(workload, out, broker.url, broker.protocol)
+        if external is not None:
+            broker = external
+            settings = self._settings(workload, out, broker)  # ConfigError before any IO
+            plan = await self._use_external(stack, settings, clients)
+        else:
+            # Validate the aggregator's settings before starting anything (the broker's
+            # address is not known yet: any will do for validation).
+            self._settings(workload, out, BrokerSection(url=PLACEHOLDER_URL))
+            broker, plan = await self._start_broker(stack)
+            settings = self._settings(workload, out, broker)
         self._say(
             f"simulating {options.agents} {'subprocess' if options.processes else 'in-process'}"
             f" agents x {settings.rounds} rounds of {workload.name} "
@@ -208,8 +224,7 @@ class Simulation:
             workload,
             options,
             clients,
-            broker_url=broker.url,
-            protocol=broker.protocol,
+            broker=broker,
             topic_root=settings.topic_root,
             work=work,
             out=out,
@@ -252,15 +267,16 @@ class Simulation:
             return project_workload(options.project, clients, options.partition, options.seed)
         return builtin_workload(options.model, clients, options.partition, options.seed, data_dir)
 
-    def _settings(
-        self, workload: Workload, out: Path, url: str, protocol: str
-    ) -> AggregatorSettings:
+    def _settings(self, workload: Workload, out: Path, broker: BrokerSection) -> AggregatorSettings:
+        external = self.options.external_broker is not None
+        topic_root = self.options.topic_root or (self.name if external else None)
         return aggregator_settings(
             workload,
             self.options,
-            broker_url=url,
-            protocol=protocol,
+            broker=broker,
             state_dir=out / "aggregator",
+            client_id=f"{self.name}-aggregator" if external else None,
+            topic_root=topic_root,
             log_level=self.log_level,
         )
 
@@ -268,22 +284,64 @@ class Simulation:
 
     async def _start_broker(
         self, stack: contextlib.AsyncExitStack
-    ) -> tuple[BrokerProcess, BrokerPlan]:
+    ) -> tuple[BrokerSection, BrokerPlan]:
         if self._external_broker is not None:
             self.broker = self._external_broker
-            return self.broker, BrokerPlan(self.broker.name, "given by the caller")
-        plan = plan_broker(self.options.broker)
-        broker = make_broker(plan, stack.enter_context(scratch_dir("fedmq-sim-broker-")))
-        self.broker = broker
-        await start_broker(stack, broker)
-        return broker, plan
+            plan = BrokerPlan(self.broker.name, "given by the caller")
+        else:
+            plan = plan_broker(self.options.broker)
+            self.broker = make_broker(plan, stack.enter_context(scratch_dir("fedmq-sim-broker-")))
+            await start_broker(stack, self.broker)
+        return BrokerSection(url=self.broker.url, protocol=self.broker.protocol), plan
+
+    async def _use_external(
+        self, stack: contextlib.AsyncExitStack, settings: AggregatorSettings, clients: list[str]
+    ) -> BrokerPlan:
+        """Check the external broker's prefix is free; clean it up when the run ends.
+
+        The clean-up goes on the stack before any part starts, so it runs after all of
+        them stopped (their offline statuses are retained by then), however the run ends.
+
+        Raises:
+            ConfigError: the prefix holds retained messages already.
+            TransportError: the broker is unreachable or refuses us.
+        """
+        broker = self.options.external_broker
+        assert broker is not None
+        topics = Topics(settings.federation, settings.topic_root)
+        await check_unused(broker, topics, f"{self.name}-clear")
+        persistent = [*clients, settings.client_id, f"{self.name}-observer"]
+        stack.push_async_callback(self._clean_external, broker, topics, persistent)
+        return BrokerPlan(
+            "external",
+            f"given with --broker; topic root {settings.topic_root}, client ids "
+            f"{self.name}-…, cleared at the end",
+        )
+
+    async def _clean_external(
+        self, broker: BrokerSection, topics: Topics, persistent: list[str]
+    ) -> None:
+        # A task of its own: after Ctrl-C this one is still "cancelling", and the MQTT
+        # session re-raises the cancellation aiomqtt may swallow for any task that is
+        # (mqtt._raise_if_cancelling), which would end the clean-up at its first publish.
+        self.cleanup = cleanup = await asyncio.create_task(
+            clean_up(broker, topics, clear_client=f"{self.name}-clear", session_clients=persistent),
+            name="fedmq-sim.clean-up",
+        )
+        text = cleanup.summary(topics.prefix) + f" on {broker.url}"
+        if cleanup.complete:
+            self._say(text)
+        else:
+            log.warning("%s", text)
+            if self.view is not None:
+                self.view.message(text, "yellow")
 
     def _observer(
-        self, broker: BrokerProcess, settings: AggregatorSettings, out: Path, fleet: Fleet
+        self, broker: BrokerSection, settings: AggregatorSettings, out: Path, fleet: Fleet
     ) -> Observer:
         keep = out / "updates" if self.options.keep_updates else None
         return Observer(
-            BrokerSettings(url=broker.url, client_id="observer", protocol=broker.protocol),
+            broker.session_settings(f"{self.name}-observer"),
             Topics(settings.federation, settings.topic_root),
             on_announcement=functools.partial(self._on_announcement, fleet),
             on_ack=self._on_ack,
@@ -449,7 +507,7 @@ class Simulation:
         self,
         running: _Running,
         plan: BrokerPlan,
-        broker: BrokerProcess,
+        broker: BrokerSection,
         out: Path,
         started_at: float,
     ) -> SimulationResult:

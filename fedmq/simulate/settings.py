@@ -30,8 +30,9 @@ from edge_agent.config import AgentSettings, parse_settings
 from fedmq.aggregator.config import AggregatorSettings, load_settings
 from fedmq.errors import ConfigError
 from fedmq.simulate.fleet import Fleet, InProcessFleet, ProcessFleet
-from fedmq.simulate.options import SimulationOptions
+from fedmq.simulate.options import PASSWORD_ENV, SimulationOptions
 from fedmq.simulate.workloads import Workload
+from fedmq.transport.broker_config import BrokerSection
 
 SIM_DEADLINE = 60.0  # seconds per round: covers a few local epochs of the shipped models
 SIM_DEADLINE_PER_AGENT = 0.1  # seconds added per agent: 1000 agents upload for a while
@@ -51,6 +52,9 @@ SIM_DOWNLOAD_TIMEOUT = 120.0  # seconds for one blob download (a busy 1000-agent
 # Larger fleets log agent messages at WARNING and up only: a thousand agents write a few
 # lines each per round.
 QUIET_FLEET = 20
+# Where a subprocess agent reads the broker password from: its agent.toml (in the
+# report directory) must not hold it.
+AGENT_PASSWORD_ENV = "FEDMQ_AGENT_BROKER__PASSWORD"
 
 
 def heartbeat_for(agents: int) -> float:
@@ -80,10 +84,13 @@ def settle_for(options: SimulationOptions) -> float:
 def check_environment(environ: Mapping[str, str] = os.environ) -> None:
     """Refuse ``FEDMQ_*`` variables: the settings sources would apply them to every part.
 
+    ``FEDMQ_SIMULATE_PASSWORD`` (the external broker's password) is the simulator's own,
+    read by no settings source.
+
     Raises:
         ConfigError: naming the variables.
     """
-    found = sorted(name for name in environ if name.startswith("FEDMQ_"))
+    found = sorted(name for name in environ if name.startswith("FEDMQ_") and name != PASSWORD_ENV)
     if found:
         raise ConfigError(
             f"unset {', '.join(found)}: they override the configuration of every simulated "
@@ -118,16 +125,46 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
+def broker_table(section: BrokerSection, *, password: bool = True) -> dict[str, Any]:
+    """``section`` as the ``[broker]`` table of the parts' settings documents.
+
+    Only what differs from the defaults (a project's ``keepalive_s`` survives a merge).
+
+    Args:
+        section: the broker every part connects to.
+        password: include the password (False: for files written to the report).
+    """
+    table = section.model_dump(exclude_defaults=True, exclude={"password"})
+    table["url"] = section.url
+    table["protocol"] = section.protocol
+    for key, value in table.items():
+        if isinstance(value, Path):
+            table[key] = str(value)
+    if password and section.password is not None:
+        table["password"] = section.password.get_secret_value()
+    return table
+
+
 def aggregator_settings(
     workload: Workload,
     options: SimulationOptions,
     *,
-    broker_url: str,
-    protocol: str,
+    broker: BrokerSection,
     state_dir: Path,
+    client_id: str | None = None,
+    topic_root: str | None = None,
     log_level: str = "INFO",
 ) -> AggregatorSettings:
     """The in-process aggregator's settings.
+
+    Args:
+        workload: what is trained.
+        options: the command line.
+        broker: the broker and credentials.
+        state_dir: the aggregator's state directory.
+        client_id: its MQTT client id (None: ``fedmq-aggregator-<federation>``).
+        topic_root: the run's topic root (None: the project's, or ``fedmq``).
+        log_level: its log level.
 
     Raises:
         ConfigError: the combination is invalid (e.g. a project quorum above the fleet).
@@ -138,7 +175,7 @@ def aggregator_settings(
         "bundle": str(workload.bundle_dir),
         "state_dir": str(state_dir),
         "rounds": options.rounds or workload.rounds,
-        "broker": {"url": broker_url, "protocol": protocol, "client_id": None},
+        "broker": {**broker_table(broker), "client_id": client_id},
         "training": training,
         "round": {"deadline_s": deadline_for(options), "min_agents": min_agents(options)},
         "settle_s": settle_for(options),
@@ -152,14 +189,16 @@ def aggregator_settings(
         # The report evaluates every round's checkpoint, after the round: keep them all.
         "retention": {"keep_last": 0, "keep_every": 1},
     }
+    if topic_root is not None:
+        overrides["topic_root"] = topic_root
     if options.codec is not None:
         overrides["codec"] = options.codec
     if options.strategy is not None:
         overrides["strategy"] = {"name": options.strategy}
     base = workload.aggregator
     # A project's TLS and credentials are for its real broker, not the simulator's.
-    broker = {k: v for k, v in base.get("broker", {}).items() if k in ("keepalive_s",)}
-    document = _merge({**base, "broker": broker}, overrides)
+    kept = {k: v for k, v in base.get("broker", {}).items() if k in ("keepalive_s",)}
+    document = _merge({**base, "broker": kept}, overrides)
     settings = load_settings(None, **document)
     round_policy = settings.round
     if settings.mode == "sync" and round_policy.min_updates > options.agents:
@@ -176,8 +215,7 @@ def agent_settings(
     *,
     index: int,
     client: str,
-    broker_url: str,
-    protocol: str,
+    broker: Mapping[str, Any],
     topic_root: str,
     state_dir: Path,
     log_level: str = "WARNING",
@@ -192,8 +230,7 @@ def agent_settings(
         options,
         index=index,
         client=client,
-        broker_url=broker_url,
-        protocol=protocol,
+        broker=broker,
         topic_root=topic_root,
         state_dir=state_dir,
         log_level=log_level,
@@ -207,13 +244,12 @@ def agent_document(
     *,
     index: int,
     client: str,
-    broker_url: str,
-    protocol: str,
+    broker: Mapping[str, Any],
     topic_root: str,
     state_dir: Path,
     log_level: str = "WARNING",
 ) -> dict[str, Any]:
-    """The ``agent.toml`` document of simulated agent ``index``."""
+    """The ``agent.toml`` document of simulated agent ``index`` (``broker``: its table)."""
     return {
         "client_id": client,
         "federation": workload.federation,
@@ -222,7 +258,7 @@ def agent_document(
         "threads": 1,  # like a device: one core for training, the rest for the plant
         "heartbeat_s": heartbeat_for(options.agents),
         "log_level": log_level,
-        "broker": {"url": broker_url, "protocol": protocol},
+        "broker": dict(broker),
         "data": workload.agent_data[index],
         "limits": {
             "round_retry_s": SIM_ROUND_RETRY,
@@ -237,8 +273,7 @@ def make_fleet(
     options: SimulationOptions,
     clients: Sequence[str],
     *,
-    broker_url: str,
-    protocol: str,
+    broker: BrokerSection,
     topic_root: str,
     work: Path,
     out: Path,
@@ -247,7 +282,8 @@ def make_fleet(
 
     Every agent's configuration is validated by the agent's own loader first.
     Subprocess agents read an ``agent.toml`` each from ``<out>/agents``, beside their
-    logs (how each was started); their state directories are under ``work``.
+    logs (how each was started), and the broker password, if any, from their
+    environment; their state directories are under ``work``.
 
     Raises:
         ConfigError: an agent's configuration is invalid.
@@ -257,23 +293,27 @@ def make_fleet(
             "index": index,
             "client": client,
             "state_dir": work / "agents" / client,
-            "broker_url": broker_url,
-            "protocol": protocol,
             "topic_root": topic_root,
             "log_level": "INFO" if len(clients) <= QUIET_FLEET else "WARNING",
         }
         for index, client in enumerate(clients)
     ]
-    settings = [agent_settings(workload, options, **agent) for agent in agents]
+    table = broker_table(broker)
+    settings = [agent_settings(workload, options, broker=table, **agent) for agent in agents]
     if not options.processes:
         return InProcessFleet(settings)
     config_dir = out / "agents"
     config_dir.mkdir(parents=True, exist_ok=True)
     configs: dict[str, Path] = {}
+    written = broker_table(broker, password=False)
     for agent in agents:
         path = configs[agent["client"]] = config_dir / f"{agent['client']}.toml"
-        path.write_text(toml_text(agent_document(workload, options, **agent)), encoding="utf-8")
-    return ProcessFleet(configs, config_dir)
+        document = agent_document(workload, options, broker=written, **agent)
+        path.write_text(toml_text(document), encoding="utf-8")
+    env = {}
+    if broker.password is not None:
+        env[AGENT_PASSWORD_ENV] = broker.password.get_secret_value()
+    return ProcessFleet(configs, config_dir, env=env)
 
 
 def toml_text(document: Mapping[str, Any]) -> str:
@@ -293,7 +333,7 @@ def _without_none(table: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def client_ids(count: int) -> list[str]:
-    """``agent-001`` … ids, zero-padded so they sort in order."""
+def client_ids(count: int, prefix: str = "") -> list[str]:
+    """``<prefix>agent-001`` … ids, zero-padded so they sort in order."""
     width = max(3, math.ceil(math.log10(count + 1)))
-    return [f"agent-{index:0{width}d}" for index in range(count)]
+    return [f"{prefix}agent-{index:0{width}d}" for index in range(count)]

@@ -69,7 +69,11 @@ def test_check_prints_the_effective_config_without_secrets(tmp_path: Path) -> No
     config = tmp_path / "agent.toml"
     config.write_text(minimal_config(tmp_path))
     result = run_cli(
-        "check", "--config", str(config), env={"FEDMQ_AGENT_BROKER__PASSWORD": "hunter2"}
+        "check",
+        "--config-only",  # tmp_path holds no data: see test_check.py for the data half
+        "--config",
+        str(config),
+        env={"FEDMQ_AGENT_BROKER__PASSWORD": "hunter2"},
     )
     assert result.returncode == 0, result.stderr
     assert '"client_id": "a"' in result.stdout

@@ -106,10 +106,12 @@ def run_watching(
     cwd: Path | None = None,
     when: Callable[[str], bool] | None = None,
     then: Callable[[subprocess.Popen[str]], None] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Watched:
     """Run ``command``, recording every descendant process seen while it runs.
 
     ``then(process)`` is called once stderr has shown a line for which ``when`` holds.
+    ``env`` adds variables to the clean environment (no ``FEDMQ_*`` of ours).
     """
     with subprocess.Popen(
         command,
@@ -117,7 +119,7 @@ def run_watching(
         stderr=subprocess.PIPE,
         text=True,
         cwd=cwd,
-        env=clean_env(),
+        env={**clean_env(), **(env or {})},
     ) as process:
         children: set[int] = set()
         stderr_lines: list[str] = []

@@ -29,6 +29,15 @@ from fedmq.exit_codes import USAGE as EXIT_USAGE
         (["--model", "digits_mlp", "--project", "p"], EXIT_USAGE, "not both"),
         (["--log-level", "loud"], EXIT_USAGE, "--log-level"),
         (["--project", "/nonexistent/plant"], EXIT_CONFIG, "no such directory"),
+        # --broker mqtt(s)://HOST:PORT and its options (test_external_broker.py runs one)
+        (["--ca-file", "ca.pem"], EXIT_USAGE, "--ca-file: only with --broker mqtt(s)://"),
+        (["--broker", "mqtt://u:pw@h:1883"], EXIT_USAGE, "no credentials in the URL"),
+        (["--broker", "ftp://h"], EXIT_USAGE, "--broker: broker URL 'ftp://h' must start"),
+        (["--broker", "mqtt://h", "--protocol", "4"], EXIT_USAGE, "--protocol:"),
+        (["--broker", "mqtt://h", "--max-packet-size", "10"], EXIT_USAGE, "--max-packet-size:"),
+        (["--broker", "mqtt://h", "--ca-file", "ca.pem"], EXIT_USAGE, "--ca-file is set but"),
+        (["--broker", "mqtts://h", "--ca-file", "/no/ca.pem"], EXIT_USAGE, "does not exist"),
+        (["--topic-root", "a/#"], EXIT_USAGE, "--topic-root"),
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], code: int, fragment: str) -> None:

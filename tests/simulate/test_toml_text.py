@@ -1,16 +1,22 @@
-"""The agent.toml writer (tomli-w, None left out): tomllib reads back what it writes."""
+"""The agent.toml writer (tomli-w, None left out): tomllib reads back what it writes.
+
+Also what goes into it, and what must not: the external broker's password.
+"""
 
 from __future__ import annotations
 
 import math
 import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fedmq.simulate.settings import toml_text
+from fedmq.errors import ConfigError
+from fedmq.simulate.options import PASSWORD_ENV, external_broker
+from fedmq.simulate.settings import broker_table, check_environment, toml_text
 
 keys = st.text(min_size=1, max_size=8)
 scalars = st.one_of(
@@ -53,3 +59,33 @@ def test_agent_document_shape() -> None:
 def test_unsupported_values_are_refused() -> None:
     with pytest.raises(TypeError, match="set"):
         toml_text({"a": {1, 2}})
+
+
+def test_the_broker_table_written_for_subprocess_agents_holds_no_password(
+    tmp_path: Path,
+) -> None:
+    ca = tmp_path / "ca.pem"
+    ca.write_text("a CA")
+    section = external_broker(
+        "mqtts://broker.plant7.example:8883",
+        username="rehearsal",
+        password="s3cret",
+        ca_file=ca,
+        protocol="3.1.1",
+        max_packet_size=131072,
+    )
+    written = broker_table(section, password=False)
+    assert tomllib.loads(toml_text({"broker": written}))["broker"] == {
+        "url": "mqtts://broker.plant7.example:8883",
+        "username": "rehearsal",
+        "ca_file": str(ca.resolve()),
+        "protocol": "3.1.1",
+        "max_packet_size": 131072,
+    }
+    assert broker_table(section)["password"] == "s3cret"  # in-process agents: in memory
+
+
+def test_only_the_simulators_own_password_variable_is_accepted() -> None:
+    check_environment({PASSWORD_ENV: "s3cret", "HOME": "/root"})
+    with pytest.raises(ConfigError, match="FEDMQ_AGENT_BROKER__PASSWORD"):
+        check_environment({PASSWORD_ENV: "s3cret", "FEDMQ_AGENT_BROKER__PASSWORD": "x"})
