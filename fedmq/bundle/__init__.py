@@ -9,6 +9,9 @@ A bundle is a directory (or the same files held in memory)::
                       has an initializer default, so it also runs as a plain inference model
     parameters.npz    initial parameter and buffer values (the device has no ``onnx`` package
                       to read initializers with)
+
+A model compiled from an ONNX file also records that file's interface (input/output
+names, initializer names and layouts: :class:`OnnxSource`) so ``fedmq export`` restores it.
 """
 
 from fedmq.bundle.bundle import BUNDLE_FILES, Bundle
@@ -25,6 +28,7 @@ from fedmq.bundle.manifest import (
     updated_buffer_output_name,
 )
 from fedmq.bundle.parameters import read_parameters, write_parameters
+from fedmq.bundle.source import OnnxSource, SourceInitializer, SourceValue
 
 __all__ = [
     "BATCH",
@@ -34,6 +38,9 @@ __all__ = [
     "DropoutSpec",
     "LossName",
     "Manifest",
+    "OnnxSource",
+    "SourceInitializer",
+    "SourceValue",
     "StateTensor",
     "TensorSpec",
     "dropout_input_name",

@@ -12,6 +12,10 @@ so the manifest does not repeat them:
 * model inputs: ``input`` then every tensor; model output: ``output``.
 
 PyTorch state names never contain ``/``, so the prefixes cannot collide with them.
+
+A model compiled from an ONNX file also records that file's interface in ``source``
+(:mod:`fedmq.bundle.source`), which ``fedmq export`` restores; the field is optional
+and left out of ``manifest.json`` when absent, so older bundles read and hash as before.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedmq.bundle.source import OnnxSource, SourceValue
 from fedmq.errors import BundleError
 
 FORMAT: Final = "fedmq-bundle"
@@ -176,6 +181,25 @@ class DropoutSpec(BaseModel):
         return dropout_input_name(self.module)
 
 
+def _check_source_value(value: SourceValue, spec: TensorSpec, what: str) -> None:
+    """The original file's input/output agrees with the compiled graph's."""
+    if value.dtype != spec.dtype:
+        raise ValueError(f"source {what} {value.name!r} is {value.dtype}, the model's {spec.dtype}")
+    if value.shape is None:
+        return
+    if len(value.shape) != len(spec.shape):
+        raise ValueError(
+            f"source {what} {value.name!r} has rank {len(value.shape)}, the model's "
+            f"{len(spec.shape)}"
+        )
+    for declared, compiled in zip(value.shape[1:], spec.shape[1:], strict=True):
+        if isinstance(declared, int) and declared != compiled:
+            raise ValueError(
+                f"source {what} {value.name!r} declares shape {list(value.shape)}, "
+                f"the model's is {list(spec.shape)}"
+            )
+
+
 class Manifest(BaseModel):
     """Everything the device runtime and the aggregator need to know about a bundle."""
 
@@ -196,6 +220,11 @@ class Manifest(BaseModel):
         "none", description="mode BatchNorm layers were compiled in ('none': model has none)"
     )
     files: dict[str, Sha256] = Field(description="sha256 of each hashed bundle file")
+    # Optional, and left out of manifest.json when absent, so bundles compiled before it
+    # existed load (and hash) as they did, and export as `input`/`output`.
+    source: OnnxSource | None = Field(
+        None, description="interface of the ONNX file compiled from; the export restores it"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:
@@ -230,7 +259,23 @@ class Manifest(BaseModel):
             raise ValueError("the model output must be float32")
         if not any(t.trainable for t in self.tensors):
             raise ValueError("no trainable parameter: nothing to train")
+        if self.source is not None:
+            self._check_source(self.source)
         return self
+
+    def _check_source(self, source: OnnxSource) -> None:
+        shapes = {t.name: t.shape for t in self.tensors}
+        for initializer in source.initializers:
+            shape = shapes.get(initializer.tensor)
+            if shape is None:
+                raise ValueError(f"source initializer of unknown tensor {initializer.tensor!r}")
+            if initializer.transpose and len(shape) != 2:
+                raise ValueError(f"{initializer.tensor!r} is not 2-d and cannot be transposed")
+        for value, spec, what in (
+            (source.input, self.input, "input"),
+            (source.output, self.output, "output"),
+        ):
+            _check_source_value(value, spec, what)
 
     @property
     def task(self) -> Task:
@@ -281,8 +326,13 @@ class Manifest(BaseModel):
         raise KeyError(name)
 
     def to_json(self) -> bytes:
-        """Serialise deterministically (stable key order, two-space indent, final newline)."""
-        return (json.dumps(self.model_dump(mode="json"), indent=2) + "\n").encode()
+        """Serialise deterministically (stable key order, two-space indent, final newline).
+
+        ``None`` fields (optional sections such as ``source``) are left out.
+        """
+        return (
+            json.dumps(self.model_dump(mode="json", exclude_none=True), indent=2) + "\n"
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str) -> Manifest:

@@ -47,7 +47,12 @@ def compile_command(
         str,
         typer.Argument(help="model factory (package.module:function, file.py:function) or .onnx"),
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="bundle directory to write")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", help="bundle directory to write (required unless --list-params)"
+        ),
+    ] = None,
     loss: Annotated[Loss, typer.Option(help="training loss")] = Loss.cross_entropy,
     input_shape: Annotated[
         str | None,
@@ -65,12 +70,23 @@ def compile_command(
         str | None, typer.Option(help="bundle name (default: output directory name)")
     ] = None,
     seed: Annotated[int, typer.Option(help="torch seed set before calling the factory")] = 0,
+    list_params: Annotated[
+        bool,
+        typer.Option(
+            "--list-params",
+            help="print the parameter/buffer names --trainable matches (and what it selects), "
+            "then exit without compiling",
+        ),
+    ] = False,
 ) -> None:
     """Compile a model and loss into a bundle that devices train with onnxruntime."""
+    if out is None and not list_params:
+        raise typer.BadParameter("--out is required (or --list-params)", param_hint="--out")
     try:
         # Imported here so `fedmq --help` and other commands never load torch.
         from fedmq.compile import compile_module, load_factory  # noqa: PLC0415
-        from fedmq.compile.onnx_import import module_from_onnx  # noqa: PLC0415
+        from fedmq.compile.listing import format_rows, list_state  # noqa: PLC0415
+        from fedmq.compile.onnx_import import import_onnx  # noqa: PLC0415
     except ImportError as exc:
         typer.echo(f"error: fedmq compile needs the compile extra ({exc})", err=True)
         raise typer.Exit(exit_codes.COMPILE_ERROR) from exc
@@ -78,16 +94,27 @@ def compile_command(
         typer.echo(f"error: --input-dtype must be float32 or int64, not {input_dtype}", err=True)
         raise typer.Exit(exit_codes.COMPILE_ERROR)
     try:
+        onnx_source = None
         if source.endswith(".onnx"):
-            model, graph_shape = module_from_onnx(source)
+            imported = import_onnx(source)
+            model, graph_shape, onnx_source = (
+                imported.module,
+                imported.example_shape,
+                imported.source,
+            )
             shape = _parse_shape(input_shape) if input_shape else graph_shape
             if shape != graph_shape:
                 raise CompileError(f"--input-shape {shape} differs from the graph's {graph_shape}")
         else:
-            if not input_shape:
+            if not input_shape and not list_params:
                 raise CompileError("--input-shape is required for a model factory")
-            shape = _parse_shape(input_shape)
+            shape = _parse_shape(input_shape) if input_shape else ()
             model = load_factory(source, seed=seed)
+        if list_params:
+            rows = list_state(model, trainable, onnx_source)
+            typer.echo(format_rows(rows, onnx=onnx_source is not None))
+            return
+        assert out is not None  # checked above
         bundle = compile_module(
             model,
             input_shape=shape,
@@ -96,6 +123,7 @@ def compile_command(
             input_dtype=input_dtype,  # type: ignore[arg-type]
             trainable=trainable,
             batchnorm=batchnorm.value,
+            source=onnx_source,
         )
     except CompileError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -109,3 +137,9 @@ def compile_command(
         f"wrote {out} ({total / 1024:.1f} KiB): {parameters} parameters, {trained} trainable, "
         f"{len(manifest.update_names)} tensors per update, loss {manifest.loss}"
     )
+    if manifest.source is not None:
+        typer.echo(
+            f"fedmq export restores the file's interface: input {manifest.source.input.name!r}, "
+            f"output {manifest.source.output.name!r}, "
+            f"{len(manifest.source.initializers)} initializers under their original names"
+        )

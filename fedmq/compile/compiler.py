@@ -13,12 +13,13 @@ import copy
 import fnmatch
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import onnx
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.func import functional_call, grad_and_value
 
@@ -44,6 +45,7 @@ from fedmq.bundle.manifest import (
     updated_buffer_output_name,
 )
 from fedmq.bundle.parameters import write_parameters
+from fedmq.bundle.source import OnnxSource
 from fedmq.compile.dropout import DropoutLayer, find_dropout, masked_dropout, reject_random_ops
 from fedmq.compile.export import export_inference, export_train_step, tracing_context
 from fedmq.compile.finalize import IR_VERSION, OPSET, finalize
@@ -77,17 +79,27 @@ class _State:
         return [spec.name for spec in self.specs if spec.updated]
 
 
-def _select_trainable(
-    parameters: dict[str, nn.Parameter], patterns: Sequence[str] | None
+def select_trainable(
+    parameters: dict[str, nn.Parameter],
+    patterns: Sequence[str] | None,
+    aliases: dict[str, str] | None = None,
 ) -> set[str]:
+    """Parameters whose name (or original ONNX initializer name, ``aliases``) matches."""
     candidates = {name for name, p in parameters.items() if p.requires_grad}
     if patterns is None:
         return candidates
-    chosen = {n for n in candidates if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    aliases = aliases or {}
+
+    def matches(name: str) -> bool:
+        names = (name, aliases[name]) if name in aliases else (name,)
+        return any(fnmatch.fnmatchcase(n, pat) for n in names for pat in patterns)
+
+    chosen = {n for n in candidates if matches(n)}
     if not chosen:
+        listed = [f"{n} ({aliases[n]})" if n in aliases else n for n in sorted(parameters)]
         raise CompileError(
             f"--trainable {list(patterns)} matches no parameter; parameters are "
-            f"{sorted(parameters)[:20]}"
+            f"{listed[:20]} (fedmq compile --list-params prints them all)"
         )
     return chosen
 
@@ -286,6 +298,7 @@ def compile_module(
     input_dtype: InputDtype = "float32",
     trainable: Sequence[str] | None = None,
     batchnorm: BatchNormMode = "train",
+    source: OnnxSource | None = None,
 ) -> Bundle:
     """Compile ``model`` and ``loss`` into a model bundle.
 
@@ -301,6 +314,9 @@ def compile_module(
         batchnorm: ``"train"`` normalises with batch statistics and updates the running
             statistics; ``"eval"`` uses (and never changes) the running statistics,
             as usual when fine-tuning on small local batches.
+        source: for a model imported from ONNX (:func:`~fedmq.compile.onnx_import.
+            import_onnx`), the file's interface: recorded in the manifest so the export
+            restores it, and ``trainable`` patterns also match original initializer names.
 
     Returns:
         The validated bundle (write it with :meth:`Bundle.write`).
@@ -314,7 +330,13 @@ def compile_module(
     model = copy.deepcopy(model)
     has_batchnorm = _check_batchnorm(model)
     x = _example_input(input_shape, input_dtype)
-    trainable_names = _select_trainable(dict(model.named_parameters()), trainable)
+    aliases = source.original_names() if source is not None else None
+    trainable_names = select_trainable(dict(model.named_parameters()), trainable, aliases)
+    if source is not None and source.input.dtype != input_dtype:
+        raise CompileError(
+            f"--input-dtype {input_dtype} differs from the ONNX input "
+            f"{source.input.name!r} ({source.input.dtype})"
+        )
     _collect_state(model, trainable_names, set())  # dtype checks before running anything
 
     model.train()
@@ -351,7 +373,7 @@ def compile_module(
     initial = {n: state.values[n].numpy() for n in state.names}
     parameters = write_parameters(initial)
 
-    manifest = Manifest(
+    manifest = _manifest(
         name=name,
         opset=OPSET,
         ir_version=IR_VERSION,
@@ -369,6 +391,7 @@ def compile_module(
             for layer in dropout
         ),
         batchnorm=batchnorm if has_batchnorm else "none",
+        source=source,
         files={
             TRAIN_STEP_FILE: sha256_hex(train_step),
             MODEL_FILE: sha256_hex(model_graph),
@@ -383,6 +406,15 @@ def compile_module(
             PARAMETERS_FILE: parameters,
         }
     )
+
+
+def _manifest(**fields: Any) -> Manifest:
+    try:
+        return Manifest(**fields)
+    except ValidationError as exc:
+        # Only the ONNX source can disagree with what was compiled (e.g. its declared
+        # output shape); everything else was built here to fit.
+        raise CompileError(f"the compiled model does not fit its manifest: {exc}") from exc
 
 
 def initial_state(model: nn.Module) -> dict[str, npt.NDArray[np.generic]]:

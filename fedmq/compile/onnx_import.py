@@ -12,6 +12,11 @@ Users often arrive with an ``.onnx`` file made elsewhere.  It is converted with
 * Float initializers onnx2torch keeps as buffers become trainable parameters (ONNX does
   not say what is a weight; anything with more than one element is treated as one);
   scalar and integer initializers become constants.
+* Initializers the TorchScript exporter merged because they were equal (``Identity``
+  nodes reading an initializer) get their own copy back, under the ``Identity`` output.
+* Every state tensor is traced back to its initializer in the file
+  (:mod:`fedmq.compile.onnx_source`), so the manifest can record the file's interface
+  and ``fedmq export`` restores it.
 
 onnx2torch imports torchvision for its ``NonMaxSuppression`` and ``RoiAlign``
 converters only.  When torchvision cannot be imported (not installed, or a wheel that
@@ -27,6 +32,7 @@ import sys
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,8 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from fedmq.bundle.source import OnnxSource
+from fedmq.compile.onnx_source import drop_onnx_mappings, onnx_source
 from fedmq.errors import CompileError, UnsupportedOperatorError
 
 _TORCHVISION_OPS = {"NonMaxSuppression": "nms", "RoiAlign": "roi_align"}
@@ -128,6 +136,36 @@ def _rewrite_allowzero(model: onnx.ModelProto) -> None:
             attribute.i = 0  # without zeros in the shape the two modes are identical
 
 
+def _undo_deduplication(model: onnx.ModelProto) -> None:
+    """Give every weight an exporter merged into another its own initializer again.
+
+    The TorchScript exporter stores equal initializers once and recreates the others
+    with ``Identity`` nodes (a fresh BatchNorm's ``running_var`` is its ``weight``: all
+    ones).  Left so, the BatchNorm would no longer see initializers (onnx2torch then
+    makes its statistics trainable weights) and the two tensors would be one.  The copy
+    is named after the ``Identity`` output, the name the consumers read.
+    """
+    graph = model.graph
+    outputs = {value.name for value in graph.output}
+    while True:
+        values = {i.name: i for i in graph.initializer}
+        copies = [
+            node
+            for node in graph.node
+            if node.op_type == "Identity"
+            and node.input[0] in values
+            and node.output[0] not in outputs
+        ]
+        if not copies:
+            return
+        for node in copies:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(values[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            graph.node.remove(node)
+
+
 class _StaticReshape(nn.Module):
     """Reshape to a shape known at conversion time (0 copies the input dimension)."""
 
@@ -181,13 +219,16 @@ def _sanitize_names(module: torch.fx.GraphModule) -> None:
 
 def _settle_buffers(module: torch.fx.GraphModule) -> None:
     used = {n.target for n in module.graph.nodes if n.op == "get_attr"}
+    # A called module reads its own buffers in forward (a Constant node's value).
+    called = [str(n.target) for n in module.graph.nodes if n.op == "call_module"]
     for owner_name, owner in list(module.named_modules()):
         if isinstance(owner, nn.modules.batchnorm._BatchNorm):
             continue
+        in_forward = any(owner_name == c or owner_name.startswith(f"{c}.") for c in called)
         for name, buffer in list(owner._buffers.items()):
             full = f"{owner_name}.{name}" if owner_name else name
             del owner._buffers[name]
-            if buffer is None or full not in used:
+            if buffer is None or (full not in used and not in_forward):
                 continue
             if buffer.is_floating_point() and buffer.numel() > 1:
                 owner.register_parameter(name, nn.Parameter(buffer.to(torch.float32)))
@@ -195,14 +236,37 @@ def _settle_buffers(module: torch.fx.GraphModule) -> None:
                 object.__setattr__(owner, name, buffer)  # a constant, not model state
 
 
-def module_from_onnx(path: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
-    """Load a forward-only ONNX model as a PyTorch module.
+@dataclass(frozen=True)
+class ImportedOnnx:
+    """A forward-only ONNX model converted to PyTorch.
 
-    Args:
-        path: the ``.onnx`` file (one input with a batch dimension first, one output).
+    Attributes:
+        module: the converted module (state names such as ``fc1_Gemm.weight``).
+        example_shape: shape of one example, read from the graph input.
+        source: the file's interface and where each state tensor came from; give it
+            to :func:`~fedmq.compile.compile_module` so the bundle records it.
+    """
+
+    module: nn.Module
+    example_shape: tuple[int, ...]
+    source: OnnxSource
+
+
+def module_from_onnx(path: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
+    """Load a forward-only ONNX model as a PyTorch module (see :func:`import_onnx`).
 
     Returns:
         The module and the shape of one example, read from the graph input.
+    """
+    imported = import_onnx(path)
+    return imported.module, imported.example_shape
+
+
+def import_onnx(path: str | Path) -> ImportedOnnx:
+    """Load a forward-only ONNX model as a PyTorch module, with its original interface.
+
+    Args:
+        path: the ``.onnx`` file (one input with a batch dimension first, one output).
 
     Raises:
         UnsupportedOperatorError: an operator onnx2torch cannot convert (named).
@@ -236,8 +300,10 @@ def module_from_onnx(path: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
                     node.op_type, "onnx2torch converts it with torchvision, which is not importable"
                 )
     _rewrite_allowzero(model)
+    _undo_deduplication(model)
     try:
-        module = onnx2torch.convert(model)
+        # The mapping (ONNX value names per converted node) lets onnx_source trace weights.
+        module = onnx2torch.convert(model, attach_onnx_mapping=True)
     except NotImplementedError as exc:
         match = re.search(r"type=(\w+)", str(exc))
         raise UnsupportedOperatorError(
@@ -249,4 +315,6 @@ def module_from_onnx(path: str | Path) -> tuple[nn.Module, tuple[int, ...]]:
     _sanitize_names(module)
     _settle_buffers(module)
     module.recompile()
-    return module, tuple(example)
+    source = onnx_source(module, model)
+    drop_onnx_mappings(module)
+    return ImportedOnnx(module, tuple(example), source)

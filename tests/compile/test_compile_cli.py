@@ -59,3 +59,24 @@ def test_compile_errors_exit_with_compile_code(
     assert result.exit_code == exit_codes.COMPILE_ERROR
     assert message in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_list_params_of_a_factory_shows_what_trainable_selects(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["compile", f"{MODELS}:digits_cnn", "--list-params", "--trainable", "9.*"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    assert list(rows) == [
+        *("0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias", "9.weight", "9.bias"),
+        *("1.running_mean", "1.running_var", "1.num_batches_tracked"),
+    ]
+    assert rows["9.weight"] == ["9.weight", "[10,", "16]", "float32", "parameter", "yes"]
+    assert rows["0.weight"][-1] == "no"
+    assert rows["1.num_batches_tracked"] == ["1.num_batches_tracked", "[]", "int64", "buffer", "no"]
+
+
+def test_out_is_required_to_compile(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["compile", f"{MODELS}:digits_mlp", "--input-shape", "64"])
+    assert result.exit_code == exit_codes.USAGE
+    assert "--out is required" in result.output

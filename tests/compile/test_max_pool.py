@@ -10,6 +10,7 @@ to any maximum but the first would change ``grad/scale``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,6 +25,9 @@ from fedmq.compile import compile_module, decompositions
 from fedmq.compile.export import tracing_context
 from fedmq.compile.losses import LOSSES
 from fedmq.compile.translations import translation_table
+
+if TYPE_CHECKING:
+    from compile.conftest import CompileCache
 
 pytestmark = pytest.mark.compile
 
@@ -91,13 +95,12 @@ MODELS = {
 
 
 @pytest.fixture(scope="module")
-def bundles() -> dict[str, tuple[nn.Module, Bundle]]:
+def bundles(compiled: CompileCache) -> dict[str, tuple[nn.Module, Bundle]]:
+    # The session cache: test_export_families.py exports these same bundles.
     built = {}
     for name, (factory, shape) in MODELS.items():
-        torch.manual_seed(0)
-        model = factory()
-        bundle = compile_module(model, input_shape=shape, loss="cross_entropy", name=name)
-        built[name] = (model, bundle)
+        item = compiled.get(name, factory, input_shape=shape, loss="cross_entropy")
+        built[name] = (item.model, item.bundle)
     return built
 
 

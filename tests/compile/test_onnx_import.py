@@ -13,10 +13,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from aggregator.export_support import check_standalone, example_input, session
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from fedmq.compile.onnx_import import _torchvision_works, module_from_onnx
+from fedmq.compile.onnx_import import _torchvision_works, import_onnx, module_from_onnx
 from fedmq.errors import UnsupportedOperatorError
 
 if TYPE_CHECKING:
@@ -72,10 +73,14 @@ def imported(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, compiled: CompileCache
 ) -> tuple[Path, Compiled]:
     path = export(tmp_path_factory.mktemp("onnx") / f"{request.param}.onnx", request.param)
-    module, shape = module_from_onnx(path)
-    assert shape == (1, 8, 8)
+    imported = import_onnx(path)
+    assert imported.example_shape == (1, 8, 8)
     item = compiled.get(
-        f"onnx_{request.param}", lambda: module, input_shape=shape, loss="cross_entropy"
+        f"onnx_{request.param}",
+        lambda: imported.module,
+        input_shape=imported.example_shape,
+        loss="cross_entropy",
+        source=imported.source,
     )
     return path, item
 
@@ -108,6 +113,31 @@ def test_imported_train_step_matches_autograd(
     assert len(manifest.trainable_names) == 6
     assert all(t.kind == "parameter" for t in manifest.tensors)
     train_step_check(item)
+
+
+def test_round_zero_export_is_the_source_file(imported: tuple[Path, Compiled]) -> None:
+    path, item = imported
+    original = onnx.load(str(path))
+    bundle = item.bundle
+    # Weights under their file names (the check also proves: initializers only, no
+    # warnings, same outputs as model.onnx).
+    export = check_standalone(bundle, bundle.initial_parameters(), example_input(bundle))
+    assert [v.name for v in export.graph.input] == ["x"]
+    assert export.graph.input[0].type == original.graph.input[0].type
+    assert [v.name for v in export.graph.output] == [v.name for v in original.graph.output]
+    weights = {
+        i.name: numpy_helper.to_array(i)
+        for i in original.graph.initializer
+        if i.data_type == TensorProto.FLOAT and np.prod(i.dims) > 1
+    }
+    exported = {i.name: numpy_helper.to_array(i) for i in export.graph.initializer}
+    assert list(exported) == list(weights)  # names and order; shape constants are nodes
+    for name, value in weights.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
+    x = np.random.default_rng(3).standard_normal((4, 1, 8, 8)).astype(np.float32)
+    (expected,) = session(original.SerializeToString()).run(None, {"x": x})
+    (got,) = session(export.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def _write(tmp_path: Path, nodes: list[onnx.NodeProto], inits: list[onnx.TensorProto]) -> Path:
