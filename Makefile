@@ -22,6 +22,9 @@ lint: $(VENV)/.installed-$(TEST_EXTRAS)
 typecheck: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/mypy
 
+# Two workers (one per core here; more where there are more cores), the compile tests
+# kept together on one of them (tests/compile/conftest.py: they share a compile cache).
+PYTEST_ARGS ?= --numprocesses=auto --dist=loadgroup --durations=15
 pytest: $(VENV)/.installed-$(TEST_EXTRAS) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -204,6 +204,8 @@ def _forget_last_connection(client: aiomqtt.Client) -> None:
         if not client._connected.cancelled():
             client._connected.exception()  # retrieved: no "never retrieved" warning
         client._connected = asyncio.get_running_loop().create_future()
+    if client._disconnected.done() and not client._disconnected.cancelled():
+        client._disconnected.exception()  # aiomqtt replaces it without looking
 
 
 def _to_message(received: aiomqtt.Message) -> Message:

@@ -166,3 +166,14 @@ def train_step_check() -> Callable[[Compiled], None]:
 def model_check() -> Callable[[Compiled], None]:
     """``check(item)``: model.onnx with fed state equals the eager eval forward."""
     return assert_model_matches_eval
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Keep the compile tests on one xdist worker: they share one compile cache.
+
+    Compiling a family takes seconds; split over workers, each would compile it again.
+    """
+    group = pytest.mark.xdist_group("compile")
+    for item in items:
+        if "tests/compile/" in str(item.path).replace("\\", "/"):
+            item.add_marker(group)
