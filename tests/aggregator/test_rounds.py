@@ -69,7 +69,7 @@ async def test_a_round_closes_at_the_target(
         np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-7)
     [record] = records(state)
     assert (record.outcome, record.reason) == ("closed", "target")
-    assert [c.client for c in record.contributions] == ["a", "b"]
+    assert sorted(c.client for c in record.contributions) == ["a", "b"]  # any order: two senders
     assert (await read_status(broker, federation)).state == "offline"  # stopped cleanly
     await _stop([a, b, c])
 
