@@ -31,13 +31,20 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from pydantic import ValidationError
 
 from fedmq import exit_codes
+from fedmq.cli.broker_options import (
+    CaFileOption,
+    CertFileOption,
+    ClientIdOption,
+    KeyFileOption,
+    PasswordOption,
+    UsernameOption,
+)
 from fedmq.config_file import describe
 from fedmq.errors import ConfigError, InvalidIdentifierError, TransportError
 from fedmq.transport.broker_config import BrokerSection
@@ -74,22 +81,13 @@ def clear_command(
         bool, typer.Option("--force", help="clear even while the aggregator looks alive")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="only list what is retained")] = False,
-    ca_file: Annotated[
-        Path | None, typer.Option("--ca-file", help="CA bundle verifying the broker (mqtts)")
-    ] = None,
-    cert_file: Annotated[
-        Path | None, typer.Option("--cert-file", help="client certificate (mTLS)")
-    ] = None,
-    key_file: Annotated[Path | None, typer.Option("--key-file", help="its private key")] = None,
-    username: Annotated[str | None, typer.Option("--username", help="broker username")] = None,
-    password: Annotated[
-        str | None,
-        typer.Option("--password", envvar="FEDMQ_BROKER__PASSWORD", help="broker password"),
-    ] = None,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    username: UsernameOption = None,
+    password: PasswordOption = None,
     protocol: Annotated[str, typer.Option("--protocol", help="MQTT version: 5 or 3.1.1")] = "5",
-    client_id: Annotated[
-        str | None, typer.Option("--client-id", help="MQTT client id (default: random)")
-    ] = None,
+    client_id: ClientIdOption = None,
     timeout: Annotated[
         float, typer.Option("--timeout", min=0.1, help="seconds per broker operation")
     ] = SCAN_TIMEOUT,

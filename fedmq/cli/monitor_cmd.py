@@ -27,6 +27,14 @@ from pydantic import ValidationError
 from rich.console import Console
 
 from fedmq import exit_codes
+from fedmq.cli.broker_options import (
+    CaFileOption,
+    CertFileOption,
+    ClientIdOption,
+    KeyFileOption,
+    PasswordOption,
+    UsernameOption,
+)
 from fedmq.config_file import describe
 from fedmq.errors import ConfigError, InvalidIdentifierError, TransportError
 from fedmq.monitor.config import MonitorFile, broker_table, validate_file
@@ -93,24 +101,15 @@ def monitor_command(
             help="the aggregator's public key (aggregator.pub): verify its signatures",
         ),
     ] = None,
-    ca_file: Annotated[
-        Path | None, typer.Option("--ca-file", help="CA bundle verifying the broker (mqtts)")
-    ] = None,
-    cert_file: Annotated[
-        Path | None, typer.Option("--cert-file", help="client certificate (fedmq pki monitor)")
-    ] = None,
-    key_file: Annotated[Path | None, typer.Option("--key-file", help="its private key")] = None,
-    username: Annotated[str | None, typer.Option("--username", help="broker username")] = None,
-    password: Annotated[
-        str | None,
-        typer.Option("--password", envvar="FEDMQ_BROKER__PASSWORD", help="broker password"),
-    ] = None,
+    ca_file: CaFileOption = None,
+    cert_file: CertFileOption = None,
+    key_file: KeyFileOption = None,
+    username: UsernameOption = None,
+    password: PasswordOption = None,
     protocol: Annotated[
         str | None, typer.Option("--protocol", help="MQTT version: 5 or 3.1.1")
     ] = None,
-    client_id: Annotated[
-        str | None, typer.Option("--client-id", help="MQTT client id (default: random)")
-    ] = None,
+    client_id: ClientIdOption = None,
     timeout: Annotated[
         float,
         typer.Option("--timeout", min=0.1, help="--once: seconds to wait for the retained state"),
