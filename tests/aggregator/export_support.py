@@ -126,6 +126,8 @@ def check_standalone(
         np.testing.assert_array_equal(stored, state[name], err_msg=name)
     (expected,) = session(bundle.model_onnx).run(["output"], {"input": x, **state})
     (got,) = session(data).run(None, {input_name: x})
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # Same weights bit for bit (checked above); with them as constants onnxruntime
+    # folds and fuses differently, so float32 sums may differ in the last bits.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert onnxruntime_messages(data, {input_name: x}) == ""
     return model

@@ -85,11 +85,13 @@ def test_export_of_a_batchnorm_checkpoint_loads(tmp_path: Path) -> None:
     assert onnxruntime_messages(out.read_bytes(), {"input": x}) == ""
     (got,) = session(out.read_bytes()).run(None, {"input": x})
     (expected,) = session(bundle.model_onnx).run(None, {"input": x, **trained})
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # Same weights bit for bit (checked above); with them as constants onnxruntime
+    # folds and fuses differently, so float32 sums may differ in the last bits.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert export_onnx(state_dir, bundle_dir, out, round_id=0) == 0
     (initial,) = session(out.read_bytes()).run(None, {"input": x})
     (expected,) = session(bundle.model_onnx).run(None, {"input": x})
-    np.testing.assert_allclose(initial, expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(initial, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(StateError, match="no checkpoint for round 2"):
         export_onnx(state_dir, bundle_dir, out, round_id=2)
 
@@ -146,4 +148,6 @@ async def test_the_simulator_reports_a_standalone_batchnorm_model(tmp_path: Path
     final = decode_tensors((out / "aggregator/checkpoints/000001.params").read_bytes())
     (got,) = session(data).run(None, {"input": x})
     (expected,) = session(bundle.model_onnx).run(None, {"input": x, **final})
-    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+    # Same weights bit for bit (checked above); with them as constants onnxruntime
+    # folds and fuses differently, so float32 sums may differ in the last bits.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
