@@ -32,14 +32,12 @@ from fedmq.errors import (
 )
 from fedmq.wire.framing import decode_frame, encode_frame, require, require_int
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits
-from fedmq.wire.tensor_codecs import (
-    RAW,
-    CodecSpec,
+from fedmq.wire.tensor_codecs import RAW, CodecSpec, encode_tensor
+from fedmq.wire.tensor_decoding import (
     TensorLayout,
     decode_footprint,
     decode_tensor,
     decodes_as_view,
-    encode_tensor,
     parse_entry,
 )
 
@@ -164,7 +162,7 @@ class _ZstdStream:
 
     Never holds the decompressed body: each segment goes straight into its output array
     (or a bounded scratch buffer), so decoding allocates what
-    :func:`~fedmq.wire.tensor_codecs.decode_footprint` says and no more.
+    :func:`~fedmq.wire.tensor_decoding.decode_footprint` says and no more.
     """
 
     streamed = True
