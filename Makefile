@@ -32,7 +32,7 @@ pytest: $(VENV)/.installed-$(TEST_EXTRAS) test-tools
 # Mosquitto (no apt-get, no sudo) it runs on fedmq's embedded broker instead.
 demo: $(VENV)/.installed-$(DEMO_EXTRAS)
 	@$(MAKE) --no-print-directory mosquitto || echo "mosquitto unavailable: the demo uses the embedded broker"
-	$(BIN)/fedmq simulate --agents 10 --rounds 20 --partition dirichlet:0.5 --out $(DEMO_OUT)
+	$(BIN)/fedmq simulate --agents 10 --rounds 21 --evaluate-final --partition dirichlet:0.5 --out $(DEMO_OUT)
 
 bench: $(VENV)/.installed-$(TEST_EXTRAS) mosquitto
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

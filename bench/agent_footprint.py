@@ -38,8 +38,9 @@ from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.bundle.bundle import Bundle
 from fedmq.timeouts import within
 from fedmq.transport.blobs import publish_blob
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.chunks import decode_chunk

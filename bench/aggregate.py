@@ -47,8 +47,9 @@ from fedmq.strategies import CoordinateMedian, Krum, TrimmedMean, WeightedMean
 from fedmq.strategies.layout import ModelLayout
 from fedmq.testing.scripted_clients import ScriptedClients
 from fedmq.timeouts import within
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.tensors import encode_tensors
 
 MiB = 2**20

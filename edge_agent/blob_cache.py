@@ -89,7 +89,7 @@ class CacheDisk:
 class DiskChunkStore:
     """The chunks of one blob on disk; resumes whatever an earlier process left.
 
-    Implements :class:`fedmq.transport.blobs.ChunkStore`.  On success :meth:`finish`
+    Implements :class:`fedmq.transport.blob_receiver.ChunkStore`.  On success :meth:`finish`
     moves the verified blob into the cache and deletes the chunk files.
     """
 

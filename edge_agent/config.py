@@ -19,7 +19,7 @@ from fedmq.config_file import EnvFirstSettings, describe, read_toml, resolve_pat
 from fedmq.errors import ConfigError
 from fedmq.log_format import LogFormat
 from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection
-from fedmq.transport.mqtt import BrokerSettings
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.wire.ids import Identifier, TopicRoot
 from fedmq.wire.limits import DEFAULT_LIMITS, DecodeLimits, MiB
 from fedmq.wire.signing import SigningKey, TrustedKeys, read_signing_key, read_verify_key
@@ -176,6 +176,57 @@ class SecurityConfig(_Section):
         return read_signing_key(self.signing_key)
 
 
+DEFAULT_HOOK_BROKER = "mqtt://127.0.0.1:1883"
+DEFAULT_HOOK_TIMEOUT = 30.0  # seconds a hook command may run before it is killed
+
+
+def _hook_topic(value: str | None) -> str | None:
+    if value is not None and (
+        not value or "+" in value or "#" in value or "\0" in value or len(value) > 256
+    ):
+        raise ValueError(f"hook_topic {value!r} must be a topic name (no wildcards, 1-256 chars)")
+    return value
+
+
+class InstallConfig(_Section):
+    """``[install]``: install the global model for local inference (docs/agent.md).
+
+    The model is a standalone ONNX file the aggregator announces (``[delivery]`` there);
+    it replaces ``path`` atomically, with its metadata beside it in ``<path>.json``.
+    """
+
+    path: Path = Field(description="the model file a local inference service loads")
+    select: Literal["latest", "best", "pinned"] = Field(
+        "latest", description="latest, best (by federated evaluation) or pinned (checkpoint)"
+    )
+    checkpoint: int | None = Field(
+        None, ge=0, description="with select = pinned: the checkpoint (round) to install"
+    )
+    hook_command: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="argv run after each install (FEDMQ_MODEL_* in its environment)",
+    )
+    hook_timeout_s: float = Field(DEFAULT_HOOK_TIMEOUT, gt=0, le=3600)
+    hook_topic: Annotated[str | None, AfterValidator(_hook_topic)] = Field(
+        None, description="retained JSON message on this topic of hook_broker after each install"
+    )
+    hook_broker: BrokerSection = Field(
+        default_factory=lambda: BrokerSection(url=DEFAULT_HOOK_BROKER),
+        description="the local broker of hook_topic (not the federation's broker)",
+    )
+
+    @model_validator(mode="after")
+    def _selection(self) -> InstallConfig:
+        if (self.select == "pinned") != (self.checkpoint is not None):
+            raise ValueError("install.checkpoint is set exactly when install.select = 'pinned'")
+        if self.path.name in ("", ".", "..") or self.path.is_dir():
+            raise ValueError(f"install.path {str(self.path)!r} must name a file")
+        if self.hook_command is not None and not all(self.hook_command):
+            raise ValueError("install.hook_command holds an empty argument")
+        return self
+
+
 class AgentSettings(EnvFirstSettings):
     """Everything ``fedmq-agent run`` needs; see docs/agent.md for each field."""
 
@@ -200,6 +251,7 @@ class AgentSettings(EnvFirstSettings):
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     security: SecurityConfig | None = None
+    install: InstallConfig | None = None
 
     def broker_settings(self) -> BrokerSettings:
         """Connection settings for :class:`fedmq.transport.mqtt.MqttSession`."""
@@ -233,6 +285,10 @@ def load_settings(path: Path) -> AgentSettings:
     resolve_paths(base, document.get("data"), ("path", "module_path"))
     resolve_paths(base, document.get("broker"), TLS_FILE_KEYS)
     resolve_paths(base, document.get("metrics"), ("textfile",))
+    install = document.get("install")
+    resolve_paths(base, install, ("path",))
+    if isinstance(install, dict):
+        resolve_paths(base, install.get("hook_broker"), TLS_FILE_KEYS)
     security = document.get("security")
     resolve_paths(base, security, ("signing_key",))
     if isinstance(security, dict) and isinstance(security.get("aggregator_keys"), list):

@@ -21,7 +21,7 @@ from edge_agent.config import AgentSettings
 from edge_agent.state import StateDir
 from edge_agent.status import StatusBoard
 from edge_agent.trust import ControlTrust
-from fedmq.transport.blobs import BlobReceiver
+from fedmq.transport.blob_receiver import BlobReceiver
 from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.control import AgentState
 from fedmq.wire.limits import DecodeLimits
@@ -102,6 +102,8 @@ class AgentContext:
     device_key: SigningKey | None = None
     uploading: bool = False
     aggregator: AggregatorPresence = field(default_factory=AggregatorPresence)
+    # Blobs other jobs are downloading (the installer's model): kept when a round cleans up.
+    protected_blobs: set[str] = field(default_factory=set)
 
     @property
     def client(self) -> str:

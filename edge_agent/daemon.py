@@ -12,6 +12,8 @@ one ``asyncio.TaskGroup``, named ``fedmq[<client>].<job>``:
                acked (:func:`~edge_agent.decisions.outbox_action`)
 ``heartbeat``  publishes the retained status every ``heartbeat_s`` and on state changes
 ``watchdog``   pings systemd's watchdog from the event loop (proves the loop is alive)
+``install``    with ``[install]``: :class:`~edge_agent.install.ModelInstaller` installs the
+               announced inference model for local use (downloads, atomic replace, hooks)
 
 :meth:`Agent.wait_ready` returns once the first connection is up and messages flow
 (when systemd hears READY=1).
@@ -37,6 +39,7 @@ from edge_agent.blob_cache import BlobCache, CacheDisk
 from edge_agent.config import AgentSettings
 from edge_agent.context import AgentContext, Counters
 from edge_agent.decisions import Finished
+from edge_agent.install import ModelInstaller
 from edge_agent.rounds import TRAIN_THREAD_PREFIX, RoundRunner, TrainRunner
 from edge_agent.state import StateDir
 from edge_agent.status import StatusBoard
@@ -46,9 +49,10 @@ from edge_agent.trust import ControlTrust
 from edge_agent.uploader import Uploader
 from fedmq.errors import DecodeError, RemoteProtocolError, TransportError
 from fedmq.timeouts import wait_event, within
-from fedmq.transport.blobs import BlobReceiver
+from fedmq.transport.blob_receiver import BlobReceiver
+from fedmq.transport.broker_settings import LastWill
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import LastWill, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import AgentState, ResendRequest, encode_control
 from fedmq.wire.signing import SignatureError
@@ -96,6 +100,7 @@ class _Jobs:
     context: AgentContext
     rounds: RoundRunner
     uploader: Uploader
+    installer: ModelInstaller | None = None  # [install]: the model for local inference
 
 
 class Agent:
@@ -170,6 +175,11 @@ class Agent:
             self._jobs.context.session.abort()
 
     @property
+    def installer(self) -> ModelInstaller | None:
+        """The ``[install]`` job (None: not configured, or not running)."""
+        return self._jobs.installer if self._jobs is not None else None
+
+    @property
     def connected(self) -> bool:
         """True while the MQTT session is up."""
         return self._jobs is not None and self._jobs.context.session.is_connected
@@ -230,12 +240,49 @@ class Agent:
         try:
             state_dir.recover()
             context = self._open(state_dir)
-            jobs = _Jobs(context, RoundRunner(context, self._train_runner), Uploader(context))
+            jobs = _Jobs(
+                context,
+                RoundRunner(context, self._train_runner),
+                Uploader(context),
+                self._installer(context),
+            )
             self._jobs = jobs
             context.set_state("idle")
             await self._run_tasks(jobs)
         finally:
             state_dir.close()
+
+    def _installer(self, context: AgentContext) -> ModelInstaller | None:
+        """The ``install`` job, downloading through the round's cache and receiver."""
+        config = self.settings.install
+        if config is None:
+            return None
+        timeout = self.settings.limits.download_timeout_s
+
+        async def fetch(ref: BlobRef) -> bytearray:
+            cached = context.cache.get(ref, context.limits)
+            if cached is not None:
+                return cached
+            ref.check_limits(context.limits)
+            try:
+                return await context.receiver.fetch(ref, timeout)
+            except BaseException:
+                await context.receiver.cancel(ref)  # chunks on disk stay for the retry
+                raise
+
+        def on_error(message: str) -> None:
+            context.status.error(message)
+            context.status_changed.set()
+
+        return ModelInstaller(
+            config,
+            self.settings.federation,
+            self.client,
+            fetch,
+            on_error=on_error,
+            clock=self._clock,
+            keep=context.protected_blobs,
+        )
 
     def _open(self, state_dir: StateDir) -> AgentContext:
         """Build what the jobs share, around the recovered state directory."""
@@ -314,6 +361,8 @@ class Agent:
             ]
             if self.notifier.watchdog_interval is not None:
                 tasks.append(group.create_task(self._watchdog_loop(), name=name("watchdog")))
+            if jobs.installer is not None:
+                tasks.append(group.create_task(jobs.installer.run(), name=name("install")))
             await self._stop.wait()
             self.notifier.stopping("stopping")
             await jobs.rounds.finish(STOP_GRACE)
@@ -408,6 +457,8 @@ class Agent:
             return
         if self._stopping:
             return
+        if jobs.installer is not None:  # its own task: never in the way of training
+            jobs.installer.offer(announcement)
         if isinstance(jobs.rounds.offer(announcement), Finished):
             jobs.uploader.drop_outbox("the federation finished")
             jobs.context.set_state("idle")

@@ -53,6 +53,9 @@ class OutboxEntry(BaseModel):
     deadline: float | None = Field(
         None, ge=0, allow_inf_nan=False, description="the round's deadline: bounds re-send waits"
     )
+    paced: bool = Field(
+        False, description="the round paced uploads: send chunk 0, the rest when asked"
+    )
 
     @property
     def ref(self) -> BlobRef:

@@ -260,8 +260,9 @@ class RoundRunner:
         self._metrics.trained(output.seconds)
         entry = output.entry
         log.info(
-            "round %d: trained in %.1f s on %d examples (%s); update %s is %d bytes in %d chunks",
+            "round %d: %s in %.1f s on %d examples (%s); update %s is %d bytes in %d chunks",
             round_id,
+            "evaluated the global model" if announcement.task == "evaluate" else "trained",
             output.seconds,
             output.update.meta.num_examples,
             ", ".join(f"{k}={v:.4g}" for k, v in output.update.meta.metrics.items()),
@@ -270,7 +271,9 @@ class RoundRunner:
             entry.ref.count,
         )
         context.status.bundle = announcement.bundle.sha256
-        context.cache.evict({announcement.bundle.sha256, announcement.params.sha256})
+        context.cache.evict(
+            {announcement.bundle.sha256, announcement.params.sha256, *context.protected_blobs}
+        )
         context.set_state("idle", round_id)
         context.outbox_kick.set()
 

@@ -1,4 +1,9 @@
-"""One round's local work, run on a worker thread: load, train, evaluate, encode, commit.
+"""One round's local work, run on a worker thread: load, evaluate, train, encode, commit.
+
+Before training, the global model as received is evaluated on the local evaluation
+split (federated evaluation: ``global_eval_*`` metrics beside the training metrics).  An
+evaluate-only round (announcement ``task = "evaluate"``) stops there and commits an
+evaluation report (an update without tensors) instead of a delta.
 
 onnxruntime calls block for as long as a training run takes, so none of this touches the
 event loop.  The thread gets plain values and returns plain values; the only shared
@@ -24,15 +29,16 @@ from edge_agent.config import DataConfig
 from edge_agent.data import Dataset, fit_to_model, load_raw
 from edge_agent.outbox import OutboxEntry
 from edge_agent.state import StateDir
-from edge_agent.update import BuiltUpdate, build_update, local_training_config
+from edge_agent.update import BuiltUpdate, build_report, build_update, local_training_config
 from fedmq.bundle.bundle import Bundle
-from fedmq.errors import BundleError, DecodeError, TrainingCancelled, TrainingError
+from fedmq.errors import BundleError, DataError, DecodeError, TrainingCancelled, TrainingError
 from fedmq.runtime.trainer import Trainer
 from fedmq.wire.archive import unpack_files
 from fedmq.wire.control import RoundAnnouncement
 from fedmq.wire.limits import DecodeLimits
 from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import decode_tensors
+from fedmq.wire.update import GLOBAL_EVAL_EXAMPLES, GLOBAL_METRIC_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,8 @@ def train_and_commit(
 ) -> RoundOutput:
     """Train on local data, encode the delta and commit it to the outbox (blocking).
 
+    In an evaluate-only round: evaluate the global model and commit the report instead.
+
     Raises:
         TrainingCancelled: ``should_stop`` became true before the commit.
         TrainingError: data, bundle, parameters or training failed (including DataError).
@@ -114,40 +122,58 @@ def train_and_commit(
         raise TrainingError(f"global parameters blob does not decode: {exc}") from exc
     train, evaluation = load_raw(inputs.data)
     dataset = fit_to_model(train, evaluation, manifest, inputs.data.target)
-    config = local_training_config(announcement.training, inputs.client, announcement.round)
-    result = trainer.train(
-        params,
-        dataset.x_train,
-        dataset.y_train,
-        config,
-        progress=progress,
-        should_stop=should_stop,
-    )
-    metrics = {
-        "train_loss": result.metrics["train_loss"],
-        "num_batches": result.metrics["steps"],
-    }
-    metrics.update(_evaluate(trainer, params, result.delta, dataset))
-    if should_stop():
-        raise TrainingCancelled("stopped before the update was committed")
+    evaluate_only = announcement.task == "evaluate"
+    # Federated evaluation: the global model as received, on the local evaluation split.
+    received = _evaluate_received(trainer, params, dataset, required=evaluate_only)
     codec = CodecSpec.parse(announcement.codec)
     bundle_sha = announcement.bundle.sha256
     expected = {
         name: (manifest.tensor(name).shape, np.dtype(np.float32)) for name in manifest.update_names
     }
     residual = state.residuals.load(bundle_sha, expected) if codec.lossy else {}
-    built = build_update(
-        delta=result.delta,
-        residual=residual,
-        manifest=manifest,
-        codec=codec,
-        federation=announcement.federation,
-        client=inputs.client,
-        round_id=announcement.round,
-        num_examples=result.num_examples,
-        metrics=metrics,
-        chunk_size=announcement.chunk_size,
-    )
+    if evaluate_only:
+        progress(1, 1)
+        if should_stop():
+            raise TrainingCancelled("stopped before the report was committed")
+        built = build_report(
+            residual=residual,  # kept for the next training round: nothing was encoded
+            federation=announcement.federation,
+            client=inputs.client,
+            round_id=announcement.round,
+            num_examples=dataset.num_eval,
+            metrics=received,
+            chunk_size=announcement.chunk_size,
+        )
+    else:
+        config = local_training_config(announcement.training, inputs.client, announcement.round)
+        result = trainer.train(
+            params,
+            dataset.x_train,
+            dataset.y_train,
+            config,
+            progress=progress,
+            should_stop=should_stop,
+        )
+        metrics = {
+            "train_loss": result.metrics["train_loss"],
+            "num_batches": result.metrics["steps"],
+        }
+        metrics.update(received)
+        metrics.update(_evaluate(trainer, params, result.delta, dataset))
+        if should_stop():
+            raise TrainingCancelled("stopped before the update was committed")
+        built = build_update(
+            delta=result.delta,
+            residual=residual,
+            manifest=manifest,
+            codec=codec,
+            federation=announcement.federation,
+            client=inputs.client,
+            round_id=announcement.round,
+            num_examples=result.num_examples,
+            metrics=metrics,
+            chunk_size=announcement.chunk_size,
+        )
     entry = OutboxEntry(
         update_id=built.meta.update_id,
         federation=announcement.federation,
@@ -159,9 +185,42 @@ def train_and_commit(
         chunk_size=built.ref.chunk_size,
         bundle=bundle_sha,
         deadline=announcement.deadline,
+        paced=announcement.upload_slots is not None,
     )
     state.commit_update(entry, built.data, built.residual)
     return RoundOutput(entry, built, time.monotonic() - started)
+
+
+def _evaluate_received(
+    trainer: Trainer, params: dict[str, Array], dataset: Dataset, *, required: bool
+) -> dict[str, float]:
+    """The global model as received, on the evaluation split: ``global_eval_*`` metrics.
+
+    One pass of ``model.onnx`` over the evaluation examples, as the evaluation after
+    training makes.  ``required`` (an evaluate-only round): without evaluation data, or
+    when the evaluation fails, the round fails (and is declined) instead.
+
+    Raises:
+        DataError: ``required`` and there is no evaluation data.
+        TrainingError: ``required`` and the evaluation failed.
+    """
+    if dataset.num_eval == 0:
+        if required:
+            raise DataError(
+                "an evaluate-only round needs evaluation data: add an eval/ directory, or "
+                "set data.eval_fraction above 0"
+            )
+        return {}
+    try:
+        metrics = trainer.evaluate(params, dataset.x_eval, dataset.y_eval)
+    except TrainingError as exc:
+        if required:
+            raise
+        log.warning("evaluation of the global model failed: %s", exc)
+        return {}
+    figures = {f"{GLOBAL_METRIC_PREFIX}eval_{name}": value for name, value in metrics.items()}
+    figures[GLOBAL_EVAL_EXAMPLES] = float(dataset.num_eval)
+    return figures
 
 
 def _evaluate(

@@ -129,3 +129,41 @@ def build_update(
     except LocalProtocolError as exc:
         raise TrainingError(f"cannot build the update envelope: {exc}") from exc
     return BuiltUpdate(data, blob_ref(data, chunk_size), meta, dict(encoded.lost))
+
+
+def build_report(
+    *,
+    residual: Mapping[str, Array],
+    federation: str,
+    client: str,
+    round_id: int,
+    num_examples: int,
+    metrics: Mapping[str, float],
+    chunk_size: int,
+    update_id: str | None = None,
+    created_at: float | None = None,
+) -> BuiltUpdate:
+    """The answer to an evaluate-only round: an update envelope without tensors.
+
+    It travels, is acked and re-sent exactly like an update (same outbox, same update
+    id across re-sends); the aggregator counts it and folds nothing.  ``num_examples``
+    is the evaluation examples; ``residual`` is kept as it is (nothing was encoded).
+
+    Raises:
+        TrainingError: an id, the example count or a metric is invalid.
+    """
+    meta = UpdateMeta(
+        federation=federation,
+        client=client,
+        round=round_id,
+        base_round=round_id,
+        update_id=update_id or new_update_id(),
+        num_examples=num_examples,
+        metrics=dict(metrics),
+        created_at=time.time() if created_at is None else created_at,
+    )
+    try:
+        data = encode_update(meta, encode_tensors({}).data)
+    except LocalProtocolError as exc:
+        raise TrainingError(f"cannot build the evaluation report: {exc}") from exc
+    return BuiltUpdate(data, blob_ref(data, chunk_size), meta, dict(residual))

@@ -13,6 +13,9 @@ outbox (on disk, so all of this resumes after a restart):
    Whatever the verdict, a settled entry leaves the outbox.
    A resend request (the aggregator saw the upload stall with chunks missing: a broker
    dropped them) makes :meth:`Uploader.on_resend` queue just those chunks.
+   When the round paces uploads (``upload_slots`` in its announcement,
+   :mod:`fedmq.coordinator.pacing`), a send is only chunk 0, and the aggregator's resend
+   request for the rest is the grant of an upload slot.
 3. **Finished.**  When the federation is over, :meth:`Uploader.drop_outbox` drops every
    entry: no aggregator will ever ack them.
 
@@ -231,6 +234,8 @@ class Uploader:
             # The announced chunk size may not fit this device's view of the broker's cap.
             fitted = fit_chunk_size(entry.ref.chunk_size, session.max_packet_size, context.topics)
             ref = BlobRef(entry.ref.sha256, entry.ref.size, fitted)
+        if indices is None and entry.paced and ref.count > 1:
+            indices = {0}  # ask for an upload slot: the rest follows the aggregator's grant
         total = ref.count if indices is None else len(indices)
         context.uploading = True
         if context.status.state in ("idle", "online", "uploading"):

@@ -30,6 +30,7 @@ from fedmq.coordinator.policy import (
     SyncPolicy,
     TargetMetric,
 )
+from fedmq.coordinator.releases import DeliveryPolicy
 from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
 from fedmq.coordinator.screening import (
     DEFAULT_MAX_EXAMPLES,
@@ -44,7 +45,7 @@ from fedmq.log_format import LogFormat
 from fedmq.strategies.config import StrategyConfig, build_strategy
 from fedmq.transport.blobs import check_chunk_fits, fit_chunk_size
 from fedmq.transport.broker_config import TLS_FILE_KEYS, BrokerSection, BrokerUrl
-from fedmq.transport.mqtt import BrokerSettings
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE
 from fedmq.wire.control import CodecText
 from fedmq.wire.ids import Identifier, TopicRoot
@@ -68,6 +69,12 @@ class BrokerConfig(BrokerSection):
     client_id: Identifier | None = Field(
         None, description="MQTT client id (default fedmq-aggregator-<federation>)"
     )
+    max_queued_messages: int | None = Field(
+        None,
+        ge=1,
+        description="the broker's queue limit for the aggregator's session (Mosquitto "
+        "max_queued_messages): uploads are paced so a round fits it (broker_config/README.md)",
+    )
 
 
 class RoundSection(_Section):
@@ -84,6 +91,12 @@ class RoundSection(_Section):
     agents: list[Identifier] = Field(default_factory=list, description="selection = list")
     late_updates: Literal["drop", "fold"] = "drop"
     max_staleness: int = Field(1, ge=0)
+    evaluate_every: int = Field(
+        0, ge=0, description="rounds numbered by a multiple of this are evaluate-only (0: off)"
+    )
+    evaluate_final: bool = Field(
+        False, description="the last round evaluates the final model on every device"
+    )
 
     def selection_policy(self) -> Selection:
         """The selection rule."""
@@ -163,6 +176,30 @@ class ScreeningSection(_Section):
         )
 
 
+class DeliverySection(_Section):
+    """``[delivery]``: inference models for the devices to install (see docs/aggregator.md)."""
+
+    publish_models: bool = Field(
+        True,
+        description="build each checkpoint's standalone ONNX model and announce it (latest, "
+        "best) as a retained blob; false keeps the announcement readable by older agents",
+    )
+    best_metric: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="federated evaluation metric the best model is chosen by (None: the "
+        "highest eval_accuracy, else the lowest eval_loss)",
+    )
+    best_mode: Literal["max", "min"] = Field("max", description="max or min of best_metric")
+
+    def policy(self) -> DeliveryPolicy | None:
+        """The coordinator's delivery policy (None: no models published)."""
+        if not self.publish_models:
+            return None
+        return DeliveryPolicy(self.best_metric, self.best_mode)
+
+
 class AggregatorSettings(EnvFirstSettings):
     """Everything ``fedmq serve`` needs; see ``docs/aggregator.md``."""
 
@@ -174,6 +211,12 @@ class AggregatorSettings(EnvFirstSettings):
     bundle: Path = Field(description="model bundle directory (fedmq compile output)")
     state_dir: Path = Field(description="where checkpoints, updates and records live")
     rounds: int = Field(ge=1)
+    initial: str | None = Field(
+        None,
+        min_length=1,
+        description="warm start: the round-0 model of a new state_dir from an exported "
+        ".onnx, a checkpoint .params file, or a state directory (dir@round: that round)",
+    )
     mode: Literal["sync", "async"] = "sync"
     topic_root: TopicRoot = DEFAULT_ROOT
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
@@ -192,6 +235,7 @@ class AggregatorSettings(EnvFirstSettings):
         None, description="None: unsigned, for development brokers only"
     )
     screening: ScreeningSection = Field(default_factory=ScreeningSection)
+    delivery: DeliverySection = Field(default_factory=DeliverySection)
     agents: list[Identifier] | None = Field(None, description="allow list (None: any)")
     max_agents: int = Field(DEFAULT_MAX_AGENTS, ge=1, description="agents tracked at most")
     heartbeat_s: float = Field(DEFAULT_HEARTBEAT, gt=0)
@@ -268,6 +312,8 @@ class AggregatorSettings(EnvFirstSettings):
                 min_agents=r.min_agents,
                 late_updates=r.late_updates,
                 max_staleness=r.max_staleness,
+                evaluate_every=r.evaluate_every,
+                evaluate_final=r.evaluate_final,
             ),
             buffer=AsyncPolicy(
                 buffer_size=self.fedbuff.buffer_size,
@@ -292,8 +338,10 @@ class AggregatorSettings(EnvFirstSettings):
             dedupe_rounds=self.dedupe_rounds,
             max_agents=self.max_agents,
             resend_after_s=self.resend_after_s,
+            broker_queue=self.broker.max_queued_messages,
             security=security,
             screening=self.screening.policy(),
+            delivery=self.delivery.policy(),
         )
 
 
@@ -313,6 +361,15 @@ def _check_quorum_fits_strategy(settings: AggregatorSettings) -> None:
         )
 
 
+def _check_evaluation_mode(settings: AggregatorSettings) -> None:
+    r = settings.round
+    if settings.mode == "async" and (r.evaluate_every or r.evaluate_final):
+        raise ConfigError(
+            "[round] evaluate_every and evaluate_final need mode = sync: FedBuff versions "
+            "always train (their agents still evaluate every global model they receive)"
+        )
+
+
 def load_settings(path: Path | None, **overrides: Any) -> AggregatorSettings:
     """Read ``federation.toml`` (if given), apply ``FEDMQ_*`` variables, validate.
 
@@ -328,7 +385,7 @@ def load_settings(path: Path | None, **overrides: Any) -> AggregatorSettings:
     if path is not None:
         data = read_toml(path, "config file")
         base = path.resolve().parent
-        resolve_paths(base, data, ("bundle", "state_dir"))
+        resolve_paths(base, data, ("bundle", "state_dir", "initial"))
         resolve_paths(base, data.get("broker"), TLS_FILE_KEYS)
         resolve_paths(base, data.get("security"), ("signing_key", "devices"))
     data.update(overrides)
@@ -338,6 +395,7 @@ def load_settings(path: Path | None, **overrides: Any) -> AggregatorSettings:
         settings.coordinator_config()  # cross-field checks (quorum vs target, ...)
         build_strategy(settings.strategy)  # e.g. DP noise without a clip norm
         _check_quorum_fits_strategy(settings)
+        _check_evaluation_mode(settings)
     except ValidationError as exc:
         raise ConfigError(f"invalid configuration{where}:\n{describe(exc)}") from exc
     except (ConfigError, LocalProtocolError) as exc:

@@ -55,6 +55,8 @@ class LiveState:
     bytes_sent: int
     connections: int
     last_metrics: Mapping[str, float] = field(default_factory=dict)
+    evaluated_checkpoint: int | None = None
+    evaluation: Mapping[str, float] = field(default_factory=dict)
 
 
 class LiveCollector:
@@ -122,6 +124,21 @@ class LiveCollector:
         for name, value in sorted(state.last_metrics.items()):
             metrics.add_metric([name], value)
         yield metrics
+        if state.evaluated_checkpoint is not None:
+            yield _gauge(
+                "fedmq_federated_evaluation_checkpoint",
+                "Checkpoint (global model) the newest federated evaluation is of",
+                state.evaluated_checkpoint,
+            )
+        evaluation = GaugeMetricFamily(
+            "fedmq_federated_evaluation",
+            "Newest federated evaluation of a global model on the agents' evaluation data, "
+            "example-weighted (eval_accuracy, eval_loss, ...)",
+            labels=["metric"],
+        )
+        for name, value in sorted(state.evaluation.items()):
+            evaluation.add_metric([name], value)
+        yield evaluation
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

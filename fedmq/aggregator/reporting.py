@@ -45,7 +45,7 @@ from fedmq.coordinator.actions import (
     UpdateRejected,
 )
 from fedmq.coordinator.coordinator import Coordinator
-from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.records import RoundRecord, evaluation_metrics
 from fedmq.transport.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,19 @@ class Reporter:
             parts.append(
                 "metrics " + ", ".join(f"{name}={value:.4g}" for name, value in shown.items())
             )
+        evaluation = record.evaluation
+        if evaluation:
+            figures = ", ".join(
+                f"{name}={value:.4g}" for name, value in evaluation_metrics(evaluation).items()
+            )
+            parts.append(
+                f"checkpoint {record.round - 1} evaluated on "
+                f"{_plural(int(evaluation.get('devices', 0)), 'device')}: {figures}"
+            )
         log.info(
-            "round %d %s (%s) after %.1f s: %s",
+            "round %d %s%s (%s) after %.1f s: %s",
             record.round,
+            "(evaluate-only) " if record.task == "evaluate" else "",
             record.outcome,
             record.reason,
             duration,
@@ -404,6 +414,8 @@ class Reporter:
             return None
         now = self._clock()
         r = coordinator.state.round
+        evaluations = coordinator.state.evaluations
+        evaluated = max(evaluations, default=None)
         return LiveState(
             round=r.number,
             phase=r.phase,
@@ -416,4 +428,6 @@ class Reporter:
             bytes_sent=coordinator.report.total.bytes_out,
             connections=session.connections,
             last_metrics=dict(coordinator.state.last_metrics),
+            evaluated_checkpoint=evaluated,
+            evaluation=dict(evaluations[evaluated]) if evaluated is not None else {},
         )

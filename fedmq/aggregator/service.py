@@ -34,6 +34,7 @@ from types import MappingProxyType
 from typing import Any
 
 from fedmq.aggregator.config import AggregatorSettings
+from fedmq.aggregator.delivery import ModelBuildError, ModelDelivery
 from fedmq.aggregator.devices import REFRESH_INTERVAL, DeviceRegistry
 from fedmq.aggregator.memory import trim_heap
 from fedmq.aggregator.outbound import Outbound
@@ -42,10 +43,12 @@ from fedmq.aggregator.reporting import Reporter
 from fedmq.aggregator.statistics import AggregatorStatistics
 from fedmq.aggregator.store import StateStore
 from fedmq.aggregator.supervision import notify_systemd
+from fedmq.aggregator.warm_start import InitialModel
 from fedmq.bundle import Bundle
 from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
+    BuildInferenceModel,
     ClearBlob,
     FederationFinished,
     Noted,
@@ -72,8 +75,9 @@ from fedmq.strategies.config import build_strategy
 from fedmq.systemd import Notifier
 from fedmq.timeouts import wait_event, within
 from fedmq.transport.blobs import check_chunk_fits, fit_chunk_size
+from fedmq.transport.broker_settings import LastWill
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import LastWill, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
 from fedmq.wire.control import AgentStatus, AggregatorStatus, decode_control, encode_control
@@ -124,6 +128,7 @@ class AggregatorService:
         self._coordinator: Coordinator | None = None
         self._session: MqttSession | None = None
         self._replayed: list[Action] = []
+        self._delivery = ModelDelivery(settings.state_dir)  # inference models for devices
 
     # ------------------------------------------------------------------ accessors
 
@@ -164,6 +169,8 @@ class AggregatorService:
             finished=self.finished,
             bytes_in=coordinator.report.total.bytes_in if coordinator is not None else 0,
             bytes_out=coordinator.report.total.bytes_out if coordinator is not None else 0,
+            upload_grants=coordinator.intake.grants if coordinator is not None else 0,
+            resend_requests=coordinator.intake.resends if coordinator is not None else 0,
         )
 
     async def wait_started(self) -> None:
@@ -181,7 +188,8 @@ class AggregatorService:
 
         Raises:
             BundleError: the bundle is missing or inconsistent.
-            ConfigError: the state directory belongs to another federation/bundle.
+            ConfigError: the state directory belongs to another federation/bundle, has run
+                more rounds than ``rounds``, or (new) ``initial`` does not fit the bundle.
             StateError: the state directory is unusable or corrupt.
         """
         settings = self.settings
@@ -191,10 +199,12 @@ class AggregatorService:
         config = settings.coordinator_config()
         strategy = build_strategy(settings.strategy)
         store = StateStore(settings.state_dir, settings.retention.policy())
+        initial = InitialModel(settings.initial, bundle)  # read for a new state_dir only
         try:
             self._coordinator, self._replayed = load_coordinator(
-                store, config, strategy, schema, archive, bundle.initial_parameters, self.clock()
+                store, config, strategy, schema, archive, initial, self.clock()
             )
+            initial.settle(store, self._coordinator.round)
         except BaseException:
             store.close()  # a failed start must not keep the directory locked
             raise
@@ -284,6 +294,10 @@ class AggregatorService:
         async with self._lock:
             if not await self._fit_chunks(session):
                 return
+            # The released inference models' bytes, before start() publishes them again.
+            missing = self.coordinator.models.missing()
+            stored = await asyncio.to_thread(self._delivery.stored, missing)
+            self.coordinator.provide_models(stored)
             actions = [*self._replayed, *self.coordinator.start(self.clock())]
             self._replayed = []
             await self._apply(actions)
@@ -413,6 +427,10 @@ class AggregatorService:
         match action:
             case Publish() | PublishBlob() | ClearBlob():
                 self._out().put(action)
+            case BuildInferenceModel():
+                self._begin_work()  # a shutdown waits for it (the final model, too)
+                self._delivery.asked(action)
+                self._background(self._build_model(action), "model")
             case VerifyUpdate():
                 self._begin_work()
                 self._background(self._verify(action), "verify")
@@ -452,6 +470,30 @@ class AggregatorService:
     async def _stop_when_sent(self) -> None:
         await self._out().wait_sent()
         self.request_stop()
+
+    async def _build_model(self, action: BuildInferenceModel) -> None:
+        try:
+            try:
+                model = await self._delivery.build(action)
+            except (ModelBuildError, OSError) as exc:
+                if isinstance(exc, OSError) or self._delivery.failed(exc):
+                    async with self._lock:
+                        failed = self.coordinator.inference_model_failed(
+                            action.checkpoint, str(exc), self.clock()
+                        )
+                        await self._apply(failed)
+                return
+            if model is None:
+                return  # overtaken by a newer checkpoint's model
+            async with self._lock:
+                now = self.clock()
+                await self._apply(
+                    self.coordinator.set_inference_model(action.checkpoint, model, now)
+                )
+                held = [m.ref.sha256 for m in self.coordinator.models.held()]
+            await asyncio.to_thread(self._delivery.prune, held)
+        finally:
+            self._end_work()
 
     async def _verify(self, action: VerifyUpdate) -> None:
         try:

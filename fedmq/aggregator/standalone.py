@@ -67,6 +67,17 @@ def standalone_model(bundle: Bundle, params: Mapping[str, npt.NDArray[np.generic
     return bytes(model.SerializeToString(deterministic=True))
 
 
+def exported_tensors(bundle: Bundle) -> frozenset[str]:
+    """The state tensors a standalone export of ``bundle`` holds: those its graph reads.
+
+    The others (``num_batches_tracked`` of an inference BatchNorm) are left out of
+    every export, so a model read back from one takes them from the bundle.
+    """
+    graph = onnx.load_from_string(bundle.model_onnx).graph
+    used = set(_consumed(graph)) | {value.name for value in graph.output}
+    return frozenset(name for name in bundle.manifest.tensor_names if name in used)
+
+
 def _set_weights(
     graph: onnx.GraphProto, manifest: Manifest, params: Mapping[str, npt.NDArray[np.generic]]
 ) -> None:
@@ -137,10 +148,7 @@ def _restore_interface(graph: onnx.GraphProto, source: OnnxSource) -> None:
         # Store the file's layout under the file's name; a node recreates fedmq's.
         initializer = by_name[tensor]
         value = numpy_helper.to_array(initializer)
-        original = (value.astype(np.float64) / item.scale).astype(value.dtype)
-        if item.transpose:
-            original = np.ascontiguousarray(original.T)
-        initializer.CopyFrom(numpy_helper.from_array(original, item.name))
+        initializer.CopyFrom(numpy_helper.from_array(item.to_file(value), item.name))
         produced = item.name
         if item.scale != 1.0:
             scale_name = _fresh(f"{item.name}_scale", taken)
@@ -272,4 +280,4 @@ def _rename(graph: onnx.GraphProto, renames: Mapping[str, str]) -> None:
             _rename(sub, renames)
 
 
-__all__ = ["standalone_model"]
+__all__ = ["exported_tensors", "standalone_model"]

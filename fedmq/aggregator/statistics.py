@@ -24,6 +24,8 @@ class AggregatorStatistics:
         bytes_in: update chunk bytes received since the service started.
         bytes_out: blob and control bytes it asked to publish since then (not the
             retained status itself).
+        upload_grants: upload slots granted (paced uploads, ``[broker] max_queued_messages``).
+        resend_requests: requests for chunks that went missing (a broker dropped them).
     """
 
     phase: Phase | None
@@ -36,3 +38,5 @@ class AggregatorStatistics:
     finished: bool
     bytes_in: int = 0
     bytes_out: int = 0
+    upload_grants: int = 0
+    resend_requests: int = 0

@@ -5,6 +5,7 @@
     <state_dir>/
       LOCK                                   flock'd while a service owns the directory
       state.json                             coordinator snapshot (the commit point)
+      origin.json                            where the round-0 model came from (``initial``)
       checkpoints/<round>.params             global model after <round> (0: initial)
       checkpoints/<round>.optimizer          server optimizer state with it (both pruned
                                              by the [retention] policy)
@@ -50,6 +51,7 @@ from fedmq.durable_files import (
 from fedmq.errors import StateError
 
 STATE_FILE = "state.json"
+ORIGIN_FILE = "origin.json"
 ROUND_STATS_FILE = "stats.json"
 _ROUND_DIGITS = 6
 _UPDATE_NAME = re.compile(
@@ -176,6 +178,18 @@ class StateStore:
         if committed != self._committed:
             self._committed = committed
             self.prune_checkpoints()
+
+    def save_origin(self, origin: dict[str, Any]) -> None:
+        """Record where a new federation's round-0 model came from (``initial``)."""
+        atomic_write(self.root / ORIGIN_FILE, json.dumps(origin, sort_keys=True).encode())
+
+    def load_origin(self) -> dict[str, Any] | None:
+        """The :meth:`save_origin` record (None: absent or unreadable; it is informational)."""
+        try:
+            data = json.loads((self.root / ORIGIN_FILE).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -8,7 +8,9 @@ its output name and may look weights up by name, so ``fedmq export`` renames and
 re-lays out everything back; this record says how.
 
 The mapping is exact and reversible: ``state = scale * (original.T if transpose else
-original)``, and the export stores ``original = (state / scale)`` transposed back.  Both
+original)``, and the export stores ``original = (state / scale)`` transposed back
+(:meth:`SourceInitializer.to_file`; a warm start from an export reads it back with
+:meth:`SourceInitializer.to_state`).  Both
 operations are exact for ``scale == 1`` (what exporters write); a Gemm's ``alpha``/
 ``beta`` other than 1 round-trip within one float32 rounding.
 """
@@ -16,9 +18,13 @@ operations are exact for ``scale == 1`` (what exporters write); a Gemm's ``alpha
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_T = TypeVar("_T", bound=np.generic)
 
 MAX_ONNX_NAME = 4096  # characters; ONNX names are free text, bounded only to bound parsing
 MAX_SOURCE_TENSORS = 100_000  # as many as a manifest may list
@@ -56,6 +62,24 @@ class SourceInitializer(BaseModel):
         if not math.isfinite(scale) or scale == 0.0:
             raise ValueError(f"scale {scale} must be finite and non-zero")
         return scale
+
+    def to_file(self, state: npt.NDArray[_T]) -> npt.NDArray[_T]:
+        """The file's layout of a state tensor: ``(state / scale)``, transposed back.
+
+        Exact for ``scale == 1``; otherwise within one rounding of ``state``'s dtype.
+        """
+        value = state
+        if self.scale != 1.0:
+            value = (value.astype(np.float64) / self.scale).astype(state.dtype)
+        # np.array, not np.ascontiguousarray, which makes 0-d arrays 1-d.
+        return np.array(value.T if self.transpose else value, order="C")
+
+    def to_state(self, original: npt.NDArray[_T]) -> npt.NDArray[_T]:
+        """The state tensor of the file's initializer, the inverse of :meth:`to_file`."""
+        value = original.T if self.transpose else original
+        if self.scale != 1.0:
+            value = (value.astype(np.float64) * self.scale).astype(original.dtype)
+        return np.array(value, order="C")
 
 
 class OnnxSource(BaseModel):

@@ -167,6 +167,14 @@ def simulate_command(
     keep_updates: Annotated[
         bool, typer.Option("--keep-updates", help="store every update in <out>/updates")
     ] = False,
+    evaluate_final: Annotated[
+        bool,
+        typer.Option(
+            "--evaluate-final",
+            help="make the last of --rounds evaluate-only: each agent's figures for the "
+            "final model in the report",
+        ),
+    ] = False,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING, ERROR")] = "INFO",
 ) -> None:
     """Run a whole federation on this machine and write a report."""
@@ -206,6 +214,7 @@ def simulate_command(
             deadline_s=deadline,
             training=TrainingOverrides(epochs, lr, batch_size, optimizer),  # type: ignore[arg-type]
             keep_updates=keep_updates,
+            evaluate_final=evaluate_final,
         )
         name = project.resolve().name if project is not None else options.model
         report_dir = prepare_out_dir(out or default_out(name))
@@ -269,4 +278,17 @@ def _print_result(console: Console, result: SimulationResult) -> None:
         f"{summary['rounds_failed']} failed" + (f"; final model: {shown}" if shown else ""),
         highlight=False,
     )
+    devices = summary.get("final_devices")
+    if devices:
+        overall = devices["overall"]
+        figures = ", ".join(
+            f"{name.removeprefix('eval_')} {value:.4f}"
+            for name, value in sorted(overall.items())
+            if name not in ("examples", "devices")
+        )
+        console.print(
+            f"final model on the agents' own data ({int(overall.get('devices', 0))} agents, "
+            f"table in summary.txt): {figures}",
+            highlight=False,
+        )
     typer.echo(f"report: {result.out}")

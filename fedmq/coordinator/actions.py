@@ -128,6 +128,21 @@ class SaveCheckpoint:
 
 
 @dataclass(frozen=True)
+class BuildInferenceModel:
+    """Build the standalone inference model of ``params`` (what ``fedmq export`` writes).
+
+    CPU work that needs the server's ``onnx`` package: run it off the event loop, store
+    the model in the state directory, then pass its bytes to
+    ``Coordinator.set_inference_model`` (on failure ``Coordinator.inference_model_failed``).
+    A build may be skipped when a newer one is waiting (the newer one supersedes it).
+    """
+
+    checkpoint: int
+    bundle: bytes = field(repr=False)  # the bundle archive (its model.onnx and manifest)
+    params: bytes = field(repr=False)  # the checkpoint's tensor-set blob
+
+
+@dataclass(frozen=True)
 class SaveRecord:
     """Durably store the record of a closed (or failed) round."""
 
@@ -196,7 +211,14 @@ DurableCommand = SaveState | SaveCheckpoint | SaveRecord | PruneUpdates
 durable too, but batched: the coordinator waits for ``persisted`` before relying on it)."""
 
 Command = (
-    Publish | PublishBlob | ClearBlob | ArmTimer | VerifyUpdate | PersistUpdate | DurableCommand
+    Publish
+    | PublishBlob
+    | ClearBlob
+    | ArmTimer
+    | VerifyUpdate
+    | PersistUpdate
+    | BuildInferenceModel
+    | DurableCommand
 )
 Event = UpdateRejected | Noted | StatusChanged | RoundClosed | FederationFinished
 Action = Command | Event

@@ -51,6 +51,7 @@ from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIn
 from fedmq.coordinator.ledger import BlobLedger
 from fedmq.coordinator.lifecycle import Phase
 from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.releases import ModelShelf
 from fedmq.coordinator.roster import Roster
 from fedmq.coordinator.round_flow import RoundFlow
 from fedmq.coordinator.rules import rules_for
@@ -67,6 +68,7 @@ from fedmq.wire.control import (
     MAX_MISSING_LISTED,
     AgentStatus,
     AggregatorStatus,
+    FederatedEvaluation,
     encode_control,
 )
 from fedmq.wire.signing import VerifyKey
@@ -168,6 +170,10 @@ class Coordinator:
     ) -> Coordinator:
         """Rebuild the coordinator a crashed or stopped service left behind.
 
+        A finished federation restored with more ``config.rounds`` than it ran continues
+        (:meth:`~fedmq.coordinator.snapshot.Snapshot.under_rounds`): its next round
+        waits for agents, from its last checkpoint.
+
         Args:
             config: as for the constructor (must match the snapshot's federation and mode).
             strategy: a fresh strategy; its optimizer state is loaded from the checkpoint.
@@ -179,7 +185,8 @@ class Coordinator:
             now: current unix time.
 
         Raises:
-            ConfigError: the snapshot belongs to another federation, bundle or mode.
+            ConfigError: the snapshot belongs to another federation, bundle or mode, or
+                ``config.rounds`` is below the rounds it ran (or the round under way).
             StateError: the snapshot or checkpoint is corrupt or inconsistent.
         """
         snap = Snapshot.from_json(snapshot)
@@ -190,7 +197,12 @@ class Coordinator:
             raise StateError(f"checkpoint does not decode: {exc}") from exc
         self = cls(config, strategy, schema, bundle, params, now=now)
         snap.check_belongs(config.federation, self.bundle_ref, config.mode)
-        self.state.load(snap)
+        target = config.target_metric
+        reached = target is not None and target.reached(dict(snap.metrics))
+        resumed = snap.under_rounds(config.rounds, target_reached=reached)
+        self.state.load(resumed)
+        if resumed is not snap:  # continued: its next round publishes the blobs again
+            self.state.blobs.record_referenced()
         if snap.norms_training != training_fingerprint(config.training):
             self.state.norms = []  # norms under another [training] table are no reference
         try:
@@ -292,6 +304,7 @@ class Coordinator:
         if not self._restored:
             actions.append(SaveCheckpoint(0, self.params_blob, self.flow.encode_optimizer()))
             actions.append(SaveState(self.snapshot()))
+        actions.extend(self._start_models())  # before the blobs: the models are among them
         actions.extend(self.state.blobs.publish(self.round))
         if self.state.round.phase != "waiting":
             actions.append(self.flow.announcement_action(now))
@@ -401,7 +414,11 @@ class Coordinator:
         if event is None:
             # Mid-upload: nothing changed but, for a new partial update, its expiry.
             armed = self._armed
-            if armed is not None and now + self.intake.ttl_s >= armed:
+            if (
+                armed is not None
+                and now + self.intake.ttl_s >= armed
+                and not self.intake.grants_ready
+            ):
                 return []
             return self._end_input([], now)
         actions: list[Action]
@@ -425,6 +442,9 @@ class Coordinator:
             return [Noted("info", f"update {key.update_id} of {key.client}: {decision.why}")]
         if isinstance(decision, Verdict):
             return self._end_input(self.desk.answer(result.key, decision, now), now)
+        misfit = self.desk.task_misfit(result, decision.staleness)  # report vs training
+        if misfit is not None:
+            return self._end_input(self.desk.answer(result.key, misfit, now), now)
         outlier = self.desk.screened(result)  # the norm screen (fedmq.coordinator.screening)
         if outlier is not None:
             return self._end_input(self.desk.answer(result.key, outlier, now), now)
@@ -454,6 +474,65 @@ class Coordinator:
         ]
         actions.extend(self.flow.maybe_close(now))
         return self._end_input(actions, now)
+
+    # ------------------------------------------------------------------ inference models
+
+    @property
+    def models(self) -> ModelShelf:
+        """The inference models held for the devices (:mod:`~fedmq.coordinator.releases`)."""
+        return self.state.blobs.models
+
+    def provide_models(self, models: Mapping[str, bytes]) -> None:
+        """Give back the stored bytes of the models the snapshot names (before :meth:`start`).
+
+        ``models`` maps sha256 to bytes; what does not match is ignored, and a released
+        model whose bytes never came is no longer released (``start`` says so).
+        """
+        for sha256, data in models.items():
+            self.models.provide(sha256, data)
+
+    def set_inference_model(self, checkpoint: int, model: bytes, now: float) -> list[Action]:
+        """The model a ``BuildInferenceModel`` built: hold it, publish it, announce it."""
+        held = self.models.add(checkpoint, model)
+        if held is None:
+            return [Noted("info", f"inference model of checkpoint {checkpoint} not needed")]
+        note = Noted(
+            "info",
+            f"inference model of checkpoint {checkpoint}: {held.ref.size} bytes, "
+            f"sha256 {held.ref.sha256[:12]}…",
+        )
+        if not self.flow.started:
+            return [note]  # start() publishes and announces it
+        return self._end_input([note, *self.flow.announce(now)], now)
+
+    def inference_model_failed(self, checkpoint: int, error: str, now: float) -> list[Action]:
+        """A ``BuildInferenceModel`` failed: the previous releases stay as they are."""
+        if not self.models.failed(checkpoint):
+            return []
+        return [
+            Noted(
+                "warning",
+                f"no inference model for checkpoint {checkpoint}: {error}; the devices keep "
+                "the previous release",
+            )
+        ]
+
+    def _start_models(self) -> list[Action]:
+        """At start: stop releasing models that were lost, build the current one if needed."""
+        shelf = self.models
+        if self.config.delivery is None:
+            shelf.clear()  # switched off: their retained blobs are cleared below
+            return []
+        actions: list[Action] = [
+            Noted(
+                "warning",
+                f"the inference model of checkpoint {checkpoint} is missing from the state "
+                "directory: it is no longer released",
+            )
+            for checkpoint in shelf.drop_missing()
+        ]
+        actions.extend(self.state.blobs.request_model(self.state.checkpoint))
+        return actions
 
     def replay(self, update: VerifiedUpdate, seq: int, now: float) -> list[Action]:
         """Fold an update stored before a restart (call before :meth:`start`, in seq order).
@@ -517,6 +596,19 @@ class Coordinator:
             bytes_out=report.round.bytes_out,
             last_round=report.last_round,
             recent_rejections=report.recent_rejections,
+            task=r.task,
+            evaluation=self._last_evaluation(),
+        )
+
+    def _last_evaluation(self) -> FederatedEvaluation | None:
+        """The newest federated evaluation (after a restart: from the snapshot, no counts)."""
+        latest = self.report.last_evaluation
+        evaluations = self.state.evaluations
+        if latest is not None or not evaluations:
+            return latest
+        checkpoint = max(evaluations)
+        return FederatedEvaluation(
+            round=checkpoint + 1, checkpoint=checkpoint, metrics=evaluations[checkpoint]
         )
 
     def next_wakeup(self, now: float) -> float | None:
@@ -558,6 +650,11 @@ class Coordinator:
         wake-up moved earlier; a wake-up that moved later needs nothing, because waking
         early is harmless: :meth:`on_timer` finds nothing due and re-arms.
         """
+        self.intake.set_upload_slots(self.flow.announced_slots)
+        if self.intake.grants_ready:  # paced uploads: a grant is a resend request
+            actions.extend(
+                self.desk.resend_request(due, now) for due in self.intake.resend_due(now)
+            )
         self.report.observe(actions)
         key = self._status_key()
         if key != self._reported:

@@ -17,6 +17,13 @@ With a device registry (``devices``), a chunk counts only when the client id of 
 topic (which the broker authenticates) is registered and the chunk carries that
 device's valid signature of the update (:func:`~fedmq.wire.signing.update_statement`);
 anything else is dropped before it takes any memory.
+
+With ``upload_slots`` set (paced uploads, :mod:`~fedmq.coordinator.pacing`), agents send
+only the first chunk of an update and wait: at most ``upload_slots`` admitted updates
+are *granted* at a time (in the order their first chunks arrived), and a grant is due
+at once as a resend request for the rest.  When a granted update completes or expires,
+the oldest waiting one is granted.  Refused updates are answered on their first chunk,
+since a paced agent sends no other.
 """
 
 from __future__ import annotations
@@ -100,8 +107,11 @@ class _Pending:
     seen: bytearray = field(default_factory=bytearray)
     unseen: int = 0
     signature: bytes | None = None
-    resend_at: float | None = None  # when to ask for the missing chunks (admitted only)
+    resend_at: float | None = None  # when to ask for the missing chunks (granted only)
     resends: int = 0
+    granted: bool = True  # may send all its chunks (False: waits for an upload slot)
+    grant_due: bool = False  # granted, and the grant (a resend request) not yet sent
+    answered: bool = False  # refused, and its verdict was given already
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,8 @@ class UpdateIntake:
         ttl_s: idle seconds before a partial update is dropped.
         devices: the device registry (None: updates are not signature-checked).
         resend_after_s: idle seconds before the missing chunks of an update are asked for.
+        upload_slots: admitted updates granted at once (None: every one, no pacing);
+            follows the announcement (:meth:`set_upload_slots`).
     """
 
     def __init__(
@@ -138,8 +150,11 @@ class UpdateIntake:
         ttl_s: float = DEFAULT_TTL,
         devices: Mapping[str, VerifyKey] | None = None,
         resend_after_s: float = DEFAULT_RESEND_AFTER,
+        upload_slots: int | None = None,
     ) -> None:
         self.federation = federation
+        self.upload_slots = upload_slots
+        self.grants_ready = False  # a grant became due: call resend_due() now
         self.resend_after_s = resend_after_s
         self.devices = devices
         self.limits = limits
@@ -155,6 +170,8 @@ class UpdateIntake:
         )
         self.dropped_busy = 0
         self.expired = 0
+        self.grants = 0  # upload slots granted (paced uploads)
+        self.resends = 0  # requests for chunks that went missing
 
     @property
     def pending(self) -> int:
@@ -197,6 +214,8 @@ class UpdateIntake:
         ):
             # Same update id with other bytes or round: the newest send wins.
             del self._table(entry)[slot]
+            if entry.assembler is not None:
+                self._release(entry)
             entry = None
         if entry is None:
             problem = self._check_signature(topic, header)
@@ -206,8 +225,10 @@ class UpdateIntake:
             if isinstance(started, ChunkProblem):
                 return started
             entry = started
+            if entry.assembler is not None and entry.granted and self.upload_slots is not None:
+                self._grant(entry)  # granted on arrival: ask for the rest at once
         entry.last_seen = now
-        if entry.assembler is not None:
+        if entry.assembler is not None and entry.granted and not entry.grant_due:
             entry.resend_at = now + self.resend_after_s * 2 ** min(
                 entry.resends, MAX_RESEND_DOUBLINGS
             )
@@ -301,6 +322,8 @@ class UpdateIntake:
             if busy is not None:
                 return busy
             entry.assembler = BlobAssembler(header.blob, self._assembly_limits)
+            if self.upload_slots is not None and self.granted() >= self.upload_slots:
+                entry.granted = False  # waits for a slot; its chunk 0 is kept meanwhile
             self._pending[slot] = entry
             return entry
         entry.verdict = verdict
@@ -319,16 +342,54 @@ class UpdateIntake:
             if not entry.seen[index]:
                 entry.seen[index] = 1
                 entry.unseen -= 1
-            if entry.unseen:
-                return None
-            del self._refused[slot]
             assert entry.verdict is not None
-            return Answered(entry.key, entry.verdict)
+            if not entry.unseen:
+                del self._refused[slot]
+                if not entry.answered:
+                    return Answered(entry.key, entry.verdict)
+                return None
+            if self.upload_slots is not None and index == 0:
+                entry.answered = True  # a paced agent sends nothing but this first chunk
+                return Answered(entry.key, entry.verdict)
+            return None
         entry.assembler.add(index, payload)
         if not entry.assembler.complete:
             return None
         del self._pending[slot]
+        self._release(entry)
         return Assembled(entry.key, entry.assembler)
+
+    def granted(self) -> int:
+        """Admitted updates in reassembly that may send all their chunks."""
+        return sum(1 for entry in self._pending.values() if entry.granted)
+
+    def set_upload_slots(self, slots: int | None) -> None:
+        """Follow the announced ``upload_slots``; more slots grant waiting updates now."""
+        if slots == self.upload_slots:
+            return
+        self.upload_slots = slots
+        self._grant_waiting()
+
+    def _release(self, entry: _Pending) -> None:
+        """``entry`` left reassembly: its upload slot goes to the oldest waiting update."""
+        if entry.granted:
+            self._grant_waiting()
+
+    def _grant_waiting(self) -> None:
+        free = (
+            len(self._pending) if self.upload_slots is None else self.upload_slots - self.granted()
+        )
+        for entry in self._pending.values():
+            if free <= 0:
+                break
+            if not entry.granted:
+                self._grant(entry)
+                free -= 1
+
+    def _grant(self, entry: _Pending) -> None:
+        entry.granted = True
+        entry.grant_due = True
+        self.grants_ready = True
 
     def expire(self, now: float) -> list[ChunkProblem]:
         """Drop partial updates idle for more than ``ttl_s``."""
@@ -338,6 +399,7 @@ class UpdateIntake:
         problems = []
         for slot in stale:
             entry = self._pending.pop(slot)
+            self._release(entry)
             self.expired += 1
             have = entry.assembler.received if entry.assembler else entry.ref.count - entry.unseen
             problems.append(
@@ -352,12 +414,23 @@ class UpdateIntake:
         return problems
 
     def resend_due(self, now: float) -> list[ResendDue]:
-        """Admitted updates idle long enough to ask their senders for what is missing."""
+        """Admitted updates idle long enough to ask their senders for what is missing.
+
+        Newly granted updates (paced uploads) are due at once: their request is the grant.
+        """
+        self.grants_ready = False
         due = []
         for entry in self._pending.values():
-            if entry.resend_at is None or entry.resend_at > now or entry.assembler is None:
+            if entry.assembler is None or not entry.granted:
                 continue
-            entry.resends += 1
+            if entry.grant_due:
+                entry.grant_due = False
+                self.grants += 1
+            elif entry.resend_at is None or entry.resend_at > now:
+                continue
+            else:
+                self.resends += 1
+                entry.resends += 1
             wait = self.resend_after_s * 2 ** min(entry.resends, MAX_RESEND_DOUBLINGS)
             entry.resend_at = now + wait
             missing = entry.assembler.missing()[:MAX_RESEND_INDICES]
@@ -369,5 +442,7 @@ class UpdateIntake:
         """When the next partial update would expire or be asked for its missing chunks."""
         entries = [*self._pending.values(), *self._refused.values()]
         times = [p.last_seen + self.ttl_s for p in entries]
-        times.extend(p.resend_at for p in self._pending.values() if p.resend_at is not None)
+        times.extend(
+            p.resend_at for p in self._pending.values() if p.granted and p.resend_at is not None
+        )
         return min(times, default=None)

@@ -6,9 +6,11 @@ chunks: the next start clears whatever the ledger lists but no longer references
 
 Once the federation has finished, the ledger is retired (:meth:`~BlobLedger.retire`): the final
 announcement (``finished``) still names the last bundle and parameters, but no agent
-will download them again, so nothing is referenced any more and every retained blob,
-the bundle included, is cleared.  The small retained announcement stays, so a late
-agent still learns that the federation is over.
+will download them again, so they are no longer referenced and are cleared, the bundle
+included.  The released inference models (:mod:`~fedmq.coordinator.releases`) stay
+referenced and retained: devices keep installing them after the federation is over.
+The small retained announcement stays too, so a late agent still learns that the
+federation is over and which models it released.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
-from fedmq.coordinator.actions import ClearBlob, PublishBlob
+from fedmq.coordinator.actions import BuildInferenceModel, ClearBlob, PublishBlob
+from fedmq.coordinator.releases import ModelShelf
 from fedmq.errors import StateError
 from fedmq.wire.blobs import BlobRef, blob_ref
 
@@ -50,9 +53,10 @@ class BlobLedger:
         self._retained: dict[str, BlobRef] = {self.bundle_ref.sha256: self.bundle_ref}
         self._published: set[str] = set()
         self.retired = False  # the federation finished: no blob is needed any more
+        self.models = ModelShelf(chunk_size)  # released inference models (kept when retired)
 
     def retire(self) -> None:
-        """The federation finished: reference nothing, so :meth:`clear_stale` clears all."""
+        """The federation finished: reference only the released models from now on."""
         self.retired = True
 
     @property
@@ -74,13 +78,14 @@ class BlobLedger:
         self.chunk_size = chunk_size
         self.bundle_ref = BlobRef(self.bundle_ref.sha256, self.bundle_ref.size, chunk_size)
         self.params_ref = BlobRef(self.params_ref.sha256, self.params_ref.size, chunk_size)
+        self.models.rechunk(chunk_size)
         self._published.clear()
 
     def referenced(self) -> list[BlobRef]:
-        """Blobs agents may still download (none once retired)."""
+        """Blobs agents may still download (once retired: the released models only)."""
         if self.retired:
-            return []
-        return [self.bundle_ref, self.params_ref]
+            return self.models.refs()
+        return [self.bundle_ref, self.params_ref, *self.models.refs()]
 
     def data(self, ref: BlobRef) -> bytes:
         """Bytes of the bundle or the current parameters (held even once retired).
@@ -92,7 +97,16 @@ class BlobLedger:
             return self._bundle
         if ref.sha256 == self.params_ref.sha256:
             return self._params
+        model = self.models.data(ref.sha256)
+        if model is not None:
+            return model
         raise StateError(f"blob {ref.sha256[:12]} is not held")
+
+    def request_model(self, checkpoint: int) -> list[BuildInferenceModel]:
+        """The build the current parameters, saved as ``checkpoint``, need for release."""
+        if not self.models.request(checkpoint, self.params_ref.sha256):
+            return []
+        return [BuildInferenceModel(checkpoint, self._bundle, self._params)]
 
     def record_referenced(self) -> None:
         """Note that the referenced blobs are (about to be) retained on the broker."""

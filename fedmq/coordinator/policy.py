@@ -11,11 +11,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from fedmq.coordinator.intake import DEFAULT_MAX_PENDING, DEFAULT_RESEND_AFTER, DEFAULT_TTL
+from fedmq.coordinator.releases import DeliveryPolicy
 from fedmq.coordinator.roster import DEFAULT_HEARTBEAT, DROPOUT_GRACE, MISSED_HEARTBEATS
 from fedmq.coordinator.screening import ScreeningPolicy
 from fedmq.coordinator.selection import SelectAll, Selection
 from fedmq.errors import ConfigError
 from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
+from fedmq.wire.control import RoundTask
 from fedmq.wire.ids import MAX_ID_LENGTH, validate_id
 from fedmq.wire.limits import DEFAULT_LIMITS
 from fedmq.wire.signing import SigningKey, VerifyKey
@@ -54,6 +56,10 @@ class SyncPolicy:
         late_updates: an update for an earlier round is dropped (``stale_round``) or
             folded into the current round with weight ``1/sqrt(1 + staleness)``.
         max_staleness: oldest base round (in rounds) a late update may come from.
+        evaluate_every: every round whose number is a multiple of this is evaluate-only:
+            the agents evaluate the global model and do not train (0: none; at least 2).
+        evaluate_final: the last round (``rounds``, or the one after ``[target_metric]``
+            was reached) is evaluate-only: each device's figures for the final model.
     """
 
     deadline_s: float = DEFAULT_DEADLINE
@@ -64,6 +70,8 @@ class SyncPolicy:
     min_agents: int | None = None
     late_updates: LateUpdates = "drop"
     max_staleness: int = 1
+    evaluate_every: int = 0
+    evaluate_final: bool = False
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
@@ -78,11 +86,24 @@ class SyncPolicy:
             raise ConfigError(f"extension_s {self.extension_s} must be positive")
         if self.max_staleness < 0:
             raise ConfigError(f"max_staleness {self.max_staleness} must be >= 0")
+        if self.evaluate_every < 0 or self.evaluate_every == 1:
+            raise ConfigError(
+                f"evaluate_every {self.evaluate_every} must be 0 (off) or at least 2 "
+                "(1 would evaluate in every round and never train)"
+            )
 
     @property
     def agents_needed(self) -> int:
         """Online agents required before a round opens."""
         return max(self.min_updates, self.min_agents or 0)
+
+    def task(self, number: int, last: int) -> RoundTask:
+        """What round ``number`` of a federation ending with round ``last`` asks for."""
+        if self.evaluate_final and number == last:
+            return "evaluate"
+        if self.evaluate_every and number % self.evaluate_every == 0:
+            return "evaluate"
+        return "train"
 
 
 @dataclass(frozen=True)
@@ -181,8 +202,12 @@ class CoordinatorConfig:
         dedupe_rounds: closed rounds whose update ids still get ``duplicate`` acks.
         max_agents: agents the roster tracks at most (statuses of more are ignored).
         resend_after_s: an update in reassembly idle this long gets a resend request.
+        broker_queue: the broker's queue limit for our session (``max_queued_messages``);
+            uploads are paced to fit it (:mod:`~fedmq.coordinator.pacing`). None: no pacing.
         security: signing key and device registry (None: unsigned, development only).
         screening: example-count cap and update-norm screen (``[screening]``).
+        delivery: release standalone inference models for the devices to install
+            (``[delivery]``, :mod:`~fedmq.coordinator.releases`); None: none.
     """
 
     federation: str
@@ -207,8 +232,10 @@ class CoordinatorConfig:
     dedupe_rounds: int = DEFAULT_DEDUPE_ROUNDS
     max_agents: int = DEFAULT_MAX_AGENTS
     resend_after_s: float = DEFAULT_RESEND_AFTER
+    broker_queue: int | None = None
     security: SecurityPolicy | None = None
     screening: ScreeningPolicy = field(default_factory=ScreeningPolicy)
+    delivery: DeliveryPolicy | None = None
 
     @property
     def signer(self) -> SigningKey | None:

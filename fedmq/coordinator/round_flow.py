@@ -24,8 +24,9 @@ from fedmq.coordinator.actions import (
     SaveState,
 )
 from fedmq.coordinator.lifecycle import ANNOUNCED, transition
+from fedmq.coordinator.pacing import expected_update_bytes, upload_slots
 from fedmq.coordinator.policy import CoordinatorConfig
-from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.records import RoundRecord, evaluation_metrics
 from fedmq.coordinator.roster import Roster
 from fedmq.coordinator.round_state import RoundState
 from fedmq.coordinator.rules import Close, Extend, Fail, RoundRules
@@ -34,7 +35,8 @@ from fedmq.coordinator.state import FederationState
 from fedmq.coordinator.validation import UpdateSchema
 from fedmq.errors import LocalProtocolError
 from fedmq.strategies.strategy import Strategy
-from fedmq.wire.control import RoundAnnouncement, encode_control
+from fedmq.wire.control import ModelReleases, RoundAnnouncement, RoundTask, encode_control
+from fedmq.wire.tensor_codecs import CodecSpec
 from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import Topics
 
@@ -75,6 +77,8 @@ class RoundFlow:
         self.state = state
         self.not_before = not_before
         self.started = False  # no round opens or closes before the service has started
+        self.update_bytes = expected_update_bytes(schema.shapes, CodecSpec.parse(config.codec))
+        self.announced_slots: int | None = None  # upload_slots of the last announcement
 
     def apply_rules(self, now: float) -> list[Action]:
         """Open the waiting round or close the collecting one, if its rules say so."""
@@ -89,7 +93,9 @@ class RoundFlow:
         r = self.state.round
         if r.phase != "waiting" or not self.started or now < self.not_before:
             return []
-        decision = self.rules.decide_open(self.roster.online(now), r.number, now)
+        if not r.contributions:  # (a restored or continued round: the schedule decides)
+            r.task = self.task_for(r.number)
+        decision = self.rules.decide_open(self.roster.online(now), r.number, now, r.task)
         if decision is None:
             return []
         # The round object is kept: late updates may already have been folded into it.
@@ -109,6 +115,8 @@ class RoundFlow:
         progress = r.progress(lambda c: self.roster.is_gone(c, now), settled=now >= self.not_before)
         decision = self.rules.decide_close(progress, now)
         match decision:
+            case Close(reason) if r.task == "evaluate":
+                return self._end_round(now, "closed", reason)  # nothing to aggregate
             case Close(reason):
                 return self._close(now, reason)
             case Fail(reason):
@@ -161,10 +169,18 @@ class RoundFlow:
         self, now: float, outcome: Literal["closed", "failed"], reason: str
     ) -> list[Action]:
         r = self.state.round
-        record = r.record(now, outcome, reason, self.strategy.name)
-        # A checkpoint exists for every round number (a failed round's model is unchanged).
+        screening = self.config.screening
+        record = r.record(
+            now, outcome, reason, self.strategy.name, max_examples=screening.max_examples
+        )
+        # A checkpoint exists for every round number (a failed round's model is unchanged,
+        # and so is an evaluate-only round's).
         self.state.checkpoint = r.number
-        if outcome == "closed":
+        # The model the round was announced with is checkpoint r - 1, whatever the outcome.
+        self.state.evaluated(r.number - 1, evaluation_metrics(record.evaluation))
+        if r.task == "evaluate":
+            pass  # neither a new model nor a failed attempt at one: the counts stay
+        elif outcome == "closed":
             self.state.completed += 1
             self.state.last_metrics = dict(record.metrics)
             # The norm screen's history: the norms this round folded into its new model.
@@ -178,6 +194,8 @@ class RoundFlow:
             SaveCheckpoint(r.number, self.state.blobs.params_blob, self.encode_optimizer()),
             SaveRecord(record),
         ]
+        if self.config.delivery is not None:  # the checkpoint's inference model
+            actions.extend(self.state.blobs.request_model(r.number))
         actions.extend(self._advance(now, record))
         return actions
 
@@ -185,11 +203,16 @@ class RoundFlow:
         r = self.state.round
         self.state.history.forget(r.number, self.config.dedupe_rounds, self.rules.max_staleness)
         target = self.config.target_metric
-        if (
+        reached = (
             target is not None
+            and record.task == "train"
             and record.outcome == "closed"
             and target.reached(dict(record.metrics))
-        ):
+        )
+        if reached and self.rules.evaluate_final and r.number < self.config.rounds:
+            # One evaluate-only round of the final model first, then finish.
+            self.state.final_round = r.number + 1
+        elif target is not None and (reached or r.number == self.state.final_round):
             return [
                 *self._finish(now, f"{target.name} reached {target.value}"),
                 PruneUpdates(r.number + 1),
@@ -200,6 +223,7 @@ class RoundFlow:
                 PruneUpdates(r.number + 1),
             ]
         self.state.round = RoundState(r.number + 1, transition(r.phase, "advance"))
+        self.state.round.task = self.task_for(r.number + 1)
         self.strategy.begin_round(r.number + 1, self.schema.layout)
         actions = self.try_open(now)
         if self.state.round.phase == "waiting":
@@ -214,8 +238,8 @@ class RoundFlow:
         # The last round's counts stay visible in the final status.
         self.state.round.phase = transition(self.state.round.phase, "finish")
         self.state.finish_reason = reason
-        # No agent downloads anything any more: the announcement below says "finished"
-        # and every retained blob is cleared after it (the final model is a checkpoint).
+        # No agent trains any more: the announcement below says "finished" and every
+        # retained blob but the released inference models is cleared after it.
         self.state.blobs.retire()
         return [*self.announce(now), FederationFinished(reason)]
 
@@ -229,6 +253,7 @@ class RoundFlow:
             round=r.number,
             status=ANNOUNCED[r.phase],
             mode=self.config.mode,
+            task=r.task,
             issued_at=now,
             deadline=r.deadline or now,
             bundle=self.state.blobs.bundle_ref,
@@ -237,7 +262,28 @@ class RoundFlow:
             codec=self.config.codec,
             chunk_size=self.state.blobs.chunk_size,
             selected=list(r.selected) if r.selected is not None else None,
+            upload_slots=self.announced_slots,
+            models=self.released_models(),
         )
+
+    def upload_slots(self, now: float) -> int | None:
+        """Concurrent uploads that fit the broker's queue this round (None: no pacing)."""
+        r = self.state.round
+        if self.config.broker_queue is None or r.phase != "collecting" or r.task == "evaluate":
+            return None  # an evaluation report is one small chunk: nothing to pace
+        agents = len(r.selected) if r.selected is not None else len(self.roster.online(now))
+        chunks = -(-self.update_bytes // self.state.blobs.chunk_size)
+        return upload_slots(self.config.broker_queue, agents, chunks)
+
+    def task_for(self, number: int) -> RoundTask:
+        """What round ``number`` asks for: the mode's schedule up to the last round.
+
+        The last round is ``rounds``, or the evaluate-only round after ``[target_metric]``
+        was reached (``final_round``).
+        """
+        final = self.state.final_round
+        last = final if final is not None and final >= number else self.config.rounds
+        return self.rules.task(number, last)
 
     def declined(self, client: str, round_id: int, reason: str, now: float) -> list[Action]:
         """``client`` cannot take part in ``round_id``: a dropout with a reason, at once."""
@@ -253,6 +299,7 @@ class RoundFlow:
 
     def announcement_action(self, now: float) -> Publish:
         """The retained announcement of the current round, as a publish."""
+        self.announced_slots = self.upload_slots(now)
         payload = encode_control(self._announcement(now), self.config.signer)
         return Publish(self.topics.round(), payload, retain=True)
 
@@ -263,8 +310,16 @@ class RoundFlow:
             return []
         return [*cleared, SaveState(self.state.snapshot(self.config).to_json())]
 
+    def released_models(self) -> ModelReleases | None:
+        """The announcement's ``models``: the latest and best inference models, if any."""
+        if self.config.delivery is None:
+            return None
+        return self.state.blobs.models.releases(self.state.evaluations)
+
     def announce(self, now: float) -> list[Action]:
         """Make the current round public: state first, then blobs, then the announcement."""
+        if self.config.delivery is not None:  # evaluations may have come in: the best
+            self.state.blobs.models.choose_best(self.state.evaluations, self.config.delivery)
         self.state.blobs.record_referenced()
         actions: list[Action] = [SaveState(self.state.snapshot(self.config).to_json())]
         actions.extend(self.state.blobs.publish(self.state.round.number))

@@ -13,8 +13,14 @@ from typing import Literal
 
 from fedmq.coordinator.actions import Ticket
 from fedmq.coordinator.lifecycle import Phase
-from fedmq.coordinator.records import Contribution, RoundRecord, weighted_metrics
+from fedmq.coordinator.records import (
+    Contribution,
+    RoundRecord,
+    federated_evaluation,
+    weighted_metrics,
+)
 from fedmq.coordinator.rules import Progress
+from fedmq.wire.control import RoundTask
 
 
 @dataclass
@@ -34,6 +40,7 @@ class RoundState:
     reserved: dict[tuple[str, str], Ticket] = field(default_factory=dict)
     rejected: Counter[str] = field(default_factory=Counter)
     declined: dict[str, str] = field(default_factory=dict)  # agent -> reason
+    task: RoundTask = "train"  # or "evaluate": agents evaluate the global model only
 
     def outstanding(self) -> tuple[str, ...]:
         """Selected agents that have not answered (contributed or been refused) yet."""
@@ -55,9 +62,18 @@ class RoundState:
         )
 
     def record(
-        self, now: float, outcome: Literal["closed", "failed"], reason: str, strategy: str
+        self,
+        now: float,
+        outcome: Literal["closed", "failed"],
+        reason: str,
+        strategy: str,
+        *,
+        max_examples: int | None = None,
     ) -> RoundRecord:
-        """The durable record of this round ending now."""
+        """The durable record of this round ending now.
+
+        ``max_examples`` caps the evaluation examples a device's figures weigh.
+        """
         metrics = weighted_metrics(self.contributions)
         metrics["updates"] = float(len(self.contributions))
         metrics["examples"] = float(sum(c.counted for c in self.contributions))
@@ -75,4 +91,6 @@ class RoundState:
             metrics=metrics,
             strategy=strategy,
             declined=dict(self.declined),
+            task=self.task,
+            evaluation=federated_evaluation(self.contributions, self.number, max_examples),
         )

@@ -7,6 +7,7 @@ it.  The mode is chosen once, by :func:`rules_for`; nothing else branches on it.
 Synchronous rounds (:class:`SyncRules`)::
 
     open     enough eligible agents online; select the cohort, set target and deadline
+             (an evaluate-only round asks every eligible agent online, target all of them)
     close    target on-time updates      -> Close("target")
              every outstanding agent gone -> Close("dropouts" / "all_reported") at quorum,
                                             Fail("no_quorum") when nobody is left to wait for
@@ -31,6 +32,7 @@ from fedmq.coordinator.intake import Verdict
 from fedmq.coordinator.policy import AsyncPolicy, CoordinatorConfig, SyncPolicy
 from fedmq.coordinator.selection import eligible, select
 from fedmq.coordinator.validation import UpdateKey
+from fedmq.wire.control import RoundTask
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,16 @@ class RoundRules(Protocol):
     def max_staleness(self) -> int:
         """Oldest base model (in rounds or versions) an update may be trained on."""
 
-    def decide_open(self, online: Sequence[str], number: int, now: float) -> Open | None:
+    def task(self, number: int, last: int) -> RoundTask:
+        """Whether round ``number`` (of rounds up to ``last``) trains or only evaluates."""
+
+    @property
+    def evaluate_final(self) -> bool:
+        """Whether the last round evaluates the final model (also after an early stop)."""
+
+    def decide_open(
+        self, online: Sequence[str], number: int, now: float, task: RoundTask = "train"
+    ) -> Open | None:
         """Whether the waiting round ``number`` opens now, given the agents online."""
 
     def decide_close(self, progress: Progress, now: float) -> CloseDecision:
@@ -143,11 +154,29 @@ class SyncRules:
         """Late updates may be this many rounds old (when folded at all)."""
         return self.policy.max_staleness
 
-    def decide_open(self, online: Sequence[str], number: int, now: float) -> Open | None:
-        """Open once ``agents_needed`` eligible agents are online."""
+    def task(self, number: int, last: int) -> RoundTask:
+        """``evaluate_every`` and ``evaluate_final`` decide (:meth:`SyncPolicy.task`)."""
+        return self.policy.task(number, last)
+
+    @property
+    def evaluate_final(self) -> bool:
+        """``evaluate_final`` of ``[round]``."""
+        return self.policy.evaluate_final
+
+    def decide_open(
+        self, online: Sequence[str], number: int, now: float, task: RoundTask = "train"
+    ) -> Open | None:
+        """Open once ``agents_needed`` eligible agents are online.
+
+        An evaluate-only round asks every eligible agent (the point is a figure for each
+        device) and waits for all of them: ``target_updates`` is about training.
+        """
         policy = self.policy
-        if len(eligible(policy.selection, online)) < policy.agents_needed:
+        candidates = eligible(policy.selection, online)
+        if len(candidates) < policy.agents_needed:
             return None
+        if task == "evaluate":
+            return Open(tuple(candidates), len(candidates), now + policy.deadline_s)
         selected = tuple(select(policy.selection, online, number, policy.min_updates))
         target = min(policy.target_updates or len(selected), len(selected))
         return Open(selected, target, now + policy.deadline_s)
@@ -218,7 +247,18 @@ class AsyncRules:
         """Updates may be trained on a model this many versions old."""
         return self.policy.max_staleness
 
-    def decide_open(self, online: Sequence[str], number: int, now: float) -> Open | None:
+    def task(self, number: int, last: int) -> RoundTask:
+        """Every version trains (evaluate-only rounds are for synchronous rounds)."""
+        return "train"
+
+    @property
+    def evaluate_final(self) -> bool:
+        """Never: a version is always open for training."""
+        return False
+
+    def decide_open(
+        self, online: Sequence[str], number: int, now: float, task: RoundTask = "train"
+    ) -> Open | None:
         """A version is always open to everyone."""
         return Open(None, self.policy.buffer_size, now + self.policy.deadline_s)
 

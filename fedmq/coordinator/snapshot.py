@@ -15,21 +15,30 @@ Version 1 layout (one flat JSON object)::
     metrics finish_reason screen
 
 ``screen`` (``{"training": <fingerprint>, "norms": [...]}``, the norm screen's history)
-was added within version 1: a snapshot without it loads with an empty history.
+was added within version 1: a snapshot without it loads with an empty history.  So were
+``task`` (the round's: ``train`` or ``evaluate``), ``final_round`` (the last round, when
+``[target_metric]`` was reached and an evaluate-only round follows) and ``evaluations``
+(``{"<checkpoint>": {metric: value}}``, the federated evaluations): without them a
+snapshot loads as a training round, no early end, no evaluations.  And ``models``
+(``{"held": [...], "latest": <checkpoint>, "best": <checkpoint>}``, the released inference
+models of :mod:`~fedmq.coordinator.releases`; their bytes are files of the service):
+without it nothing is released until the next model is built.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fedmq.coordinator.history import History
 from fedmq.coordinator.ledger import ref_from, ref_json
-from fedmq.coordinator.lifecycle import PHASES, Phase
+from fedmq.coordinator.lifecycle import PHASES, Phase, transition
+from fedmq.coordinator.releases import ShelfState
 from fedmq.errors import ConfigError, StateError
 from fedmq.wire.blobs import BlobRef
+from fedmq.wire.control import RoundTask
 
 SNAPSHOT_VERSION = 1
 
@@ -60,6 +69,10 @@ class Snapshot:
     finish_reason: str | None
     norms: tuple[float, ...] = ()
     norms_training: str | None = None
+    task: RoundTask = "train"
+    final_round: int | None = None
+    evaluations: Mapping[int, Mapping[str, float]] = field(default_factory=dict)
+    models: ShelfState = field(default_factory=ShelfState)
 
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready object written to ``state.json``."""
@@ -86,6 +99,10 @@ class Snapshot:
             "metrics": dict(self.metrics),
             "finish_reason": self.finish_reason,
             "screen": {"training": self.norms_training, "norms": list(self.norms)},
+            "task": self.task,
+            "final_round": self.final_round,
+            "evaluations": {str(c): dict(m) for c, m in sorted(self.evaluations.items())},
+            "models": self.models.to_json(),
         }
 
     @classmethod
@@ -124,6 +141,8 @@ class Snapshot:
                 metrics={str(k): float(v) for k, v in data["metrics"].items()},
                 finish_reason=data.get("finish_reason"),
                 **_screen(data.get("screen")),
+                **_evaluation(data),
+                models=ShelfState.from_json(data.get("models")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StateError(f"state snapshot is inconsistent: {exc!r}") from exc
@@ -141,11 +160,77 @@ class Snapshot:
             )
         if self.bundle.sha256 != bundle.sha256:
             raise ConfigError(
-                "state directory was created with another model bundle: use a new "
-                "state_dir for a new bundle (or restore the original bundle)"
+                "state directory was created with another model bundle: the bundle of a "
+                "federation cannot change. Restore the original bundle, or start a new "
+                "federation (new federation id and state_dir) with initial = <this "
+                "state directory> to carry its weights over"
             )
         if self.mode != mode:
             raise ConfigError(f"state directory runs in {self.mode} mode, config says {mode}")
+
+    def under_rounds(self, rounds: int, *, target_reached: bool) -> Snapshot:
+        """This snapshot under a configuration of ``rounds`` rounds (a restart may change it).
+
+        A finished federation restarted with more ``rounds`` than it ran continues: the
+        result waits for the agents of the next round (move ``continue``), with the last
+        checkpoint as its model.  It stays finished with as many rounds as it ran, or
+        while ``target_reached`` (the last closed round's metrics still reach
+        ``[target_metric]``).  An unfinished one is returned as it is.
+
+        Raises:
+            ConfigError: ``rounds`` is below the rounds a finished federation ran, or
+                below the round an unfinished one has already started (the message
+                names both numbers).
+        """
+        if self.phase != "finished":
+            if rounds < self.round:
+                raise ConfigError(
+                    f"rounds = {rounds} is below round {self.round}, which federation "
+                    f"{self.federation!r} has already started ({self.round - 1} rounds ran): "
+                    f"set rounds >= {self.round} (rounds = {self.round} ends it after this "
+                    "round)"
+                )
+            return self
+        if rounds < self.round:
+            raise ConfigError(
+                f"rounds = {rounds} is below the {self.round} rounds federation "
+                f"{self.federation!r} has already run: set rounds = {self.round} to leave it "
+                "finished, or more to continue it"
+            )
+        if rounds == self.round or target_reached:
+            return self
+        return replace(
+            self,
+            round=self.round + 1,
+            phase=transition(self.phase, "continue"),
+            opened_at=0.0,
+            deadline=0.0,
+            extended=False,
+            selected=None,
+            target=0,
+            finish_reason=None,
+            task="train",  # the continued rounds train; no early end is pending
+            final_round=None,
+        )
+
+
+def _evaluation(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The federated evaluation's fields of a snapshot (absent before they existed)."""
+    task = data.get("task", "train")
+    if task not in ("train", "evaluate"):
+        raise ValueError(f"unknown round task {task!r}")
+    final = data.get("final_round")
+    evaluations: dict[int, dict[str, float]] = {}
+    for checkpoint, metrics in (data.get("evaluations") or {}).items():
+        figures = {str(name): float(value) for name, value in metrics.items()}
+        if not all(math.isfinite(value) for value in figures.values()):
+            raise ValueError(f"evaluation of checkpoint {checkpoint} is not finite")
+        evaluations[int(checkpoint)] = figures
+    return {
+        "task": task,
+        "final_round": None if final is None else int(final),
+        "evaluations": evaluations,
+    }
 
 
 def _screen(value: Any) -> dict[str, Any]:

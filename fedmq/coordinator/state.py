@@ -20,6 +20,9 @@ from fedmq.coordinator.screening import training_fingerprint
 from fedmq.coordinator.snapshot import Snapshot
 
 Params = dict[str, npt.NDArray[Any]]
+# Federated evaluations kept in the snapshot (which is rewritten at every round change):
+# about 100 bytes each, so even a very long federation's snapshot stays small.
+MAX_EVALUATIONS = 10_000
 
 
 @dataclass
@@ -39,6 +42,13 @@ class FederationState:
         finish_reason: why the federation finished (None while it runs).
         norms: L2 norms of the updates folded into recent closed rounds, oldest first
             (the norm screen's history; the open round's are in its contributions).
+        evaluations: federated evaluations by checkpoint: checkpoint ``c`` (the global
+            model round ``c + 1`` was announced with; 0 is the initial model) to its
+            example-weighted metrics (``eval_loss``, ``eval_accuracy``, …), the newest
+            :data:`MAX_EVALUATIONS` checkpoints evaluated.
+        final_round: the round after which the federation finishes although ``rounds``
+            are not done: ``[target_metric]`` was reached and ``evaluate_final`` asks for
+            an evaluate-only round of the final model first (None: ``rounds`` decides).
     """
 
     params: Params
@@ -52,6 +62,16 @@ class FederationState:
     last_metrics: dict[str, float] = field(default_factory=dict)
     finish_reason: str | None = None
     norms: list[float] = field(default_factory=list)
+    evaluations: dict[int, dict[str, float]] = field(default_factory=dict)
+    final_round: int | None = None
+
+    def evaluated(self, checkpoint: int, metrics: dict[str, float]) -> None:
+        """Remember the federated evaluation of ``checkpoint`` (newest kept, bounded)."""
+        if not metrics:
+            return
+        self.evaluations[checkpoint] = dict(metrics)
+        while len(self.evaluations) > MAX_EVALUATIONS:
+            del self.evaluations[min(self.evaluations)]
 
     def snapshot(self, config: CoordinatorConfig) -> Snapshot:
         """Everything needed to rebuild this state, besides the checkpoint blobs."""
@@ -79,6 +99,10 @@ class FederationState:
             finish_reason=self.finish_reason,
             norms=tuple(self.norms),
             norms_training=training_fingerprint(config.training),
+            task=r.task,
+            final_round=self.final_round,
+            evaluations={c: dict(m) for c, m in self.evaluations.items()},
+            models=self.blobs.models.state(),
         )
 
     def load(self, snap: Snapshot) -> None:
@@ -91,9 +115,11 @@ class FederationState:
             extended=snap.extended,
             selected=snap.selected,
             target=snap.target,
+            task=snap.task,
         )
         if snap.phase == "finished":
             self.blobs.retire()  # its blobs were cleared (or are cleared at start)
+        self.blobs.models.load(snap.models)  # released models stay retained, even finished
         self.blobs.load_retained(snap.blobs)
         self.history = snap.history
         self.seq = snap.seq
@@ -103,3 +129,5 @@ class FederationState:
         self.last_metrics = dict(snap.metrics)
         self.finish_reason = snap.finish_reason
         self.norms = list(snap.norms)
+        self.final_round = snap.final_round
+        self.evaluations = {c: dict(m) for c, m in snap.evaluations.items()}

@@ -11,7 +11,8 @@ closes the round's account when the round's record is saved (``SaveRecord``; the
 actions before it in the same list still belong to that round).
 
 None of it is durable: after a restart the traffic counts start from zero and the last
-round's summary appears when the next round ends (its metrics are in the snapshot).
+round's summary appears when the next round ends (its metrics are in the snapshot, and
+so are the federated evaluations, without their device and example counts).
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedmq.coordinator.actions import Action, Publish, PublishBlob, SaveRecord, UpdateRejected
-from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.records import RoundRecord, evaluation_metrics
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import MAX_RECENT_REJECTIONS, RecentRejection, RoundSummary
+from fedmq.wire.control import (
+    MAX_RECENT_REJECTIONS,
+    FederatedEvaluation,
+    RecentRejection,
+    RoundSummary,
+)
 from fedmq.wire.ids import id_problem
 
 REASON_CHARS = 64  # RecentRejection.reason
@@ -53,6 +59,7 @@ class StatusReport:
         self.round = Traffic()
         self.total = Traffic()
         self.last_round: RoundSummary | None = None
+        self.last_evaluation: FederatedEvaluation | None = None
         self._rejections: deque[RecentRejection] = deque(maxlen=MAX_RECENT_REJECTIONS)
 
     @property
@@ -106,3 +113,13 @@ class StatusReport:
             bytes_out=self.round.bytes_out,
         )
         self.round = Traffic()
+        evaluation = record.evaluation
+        if evaluation:
+            self.last_evaluation = FederatedEvaluation(
+                round=record.round,
+                checkpoint=record.round - 1,
+                task=record.task,
+                metrics=evaluation_metrics(evaluation),
+                devices=int(evaluation.get("devices", 0)),
+                examples=int(evaluation.get("examples", 0)),
+            )

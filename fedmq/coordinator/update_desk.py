@@ -150,9 +150,12 @@ class UpdateDesk:
         meta = update.meta
         r.reserved.pop((ticket.key.client, ticket.key.update_id), None)
         weight = ticket.weight
-        delta, scale, actions = self._clipped(update)
-        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum fails the round
-            self.strategy.fold(delta, weight)
+        scale = 1.0
+        actions: list[Action] = []
+        if not update.is_report:  # a report (evaluate-only round) has nothing to fold
+            delta, scale, actions = self._clipped(update)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite sum fails
+                self.strategy.fold(delta, weight)
         r.contributions.append(
             Contribution(
                 client=meta.client,
@@ -164,7 +167,7 @@ class UpdateDesk:
                 staleness=ticket.staleness,
                 metrics=dict(meta.metrics),
                 counted_examples=self.config.screening.counted_examples(meta.num_examples),
-                norm=update.norm,
+                norm=None if update.is_report else update.norm,
                 norm_scale=scale,
             )
         )
@@ -173,10 +176,45 @@ class UpdateDesk:
             r.on_time.add(meta.client)
             r.answered.add(meta.client)
         detail = f"round {r.number}, weight {weight:.6g}"
+        if update.is_report:
+            detail = f"round {r.number}, evaluation report"
         if scale < 1:
             detail += f", norm clipped from {update.norm:.4g} to {update.norm * scale:.4g}"
         verdict = Verdict(True, "accepted", detail)
         return [*actions, self.ack(ticket.key, verdict, now)]
+
+    def task_misfit(self, update: VerifiedUpdate, staleness: int) -> Verdict | None:
+        """The refusal of an update that does not answer what its round asks (None: fits).
+
+        An evaluate-only round takes evaluation reports (updates without tensors) for
+        itself and nothing else: a late training update is not folded into it.  A
+        training round takes no report.
+        """
+        r = self.state.round
+        late = update.key.round != r.number or staleness > 0
+        if r.task == "evaluate" and (late or not update.is_report):
+            if late:
+                return Verdict(
+                    False,
+                    "stale_round",
+                    f"round {r.number} only evaluates the global model; late updates are "
+                    "not folded into it",
+                )
+            return Verdict(
+                False,
+                "wrong_shape",
+                f"round {r.number} only evaluates the global model: send an evaluation "
+                "report (an update without tensors)",
+            )
+        if r.task == "train" and update.is_report:
+            if late:
+                return Verdict(False, "stale_round", f"round {update.key.round} is over")
+            return Verdict(
+                False,
+                "wrong_shape",
+                f"update has no tensors (an evaluation report), but round {r.number} trains",
+            )
+        return None
 
     # ------------------------------------------------------------------ screening
 
@@ -239,7 +277,7 @@ class UpdateDesk:
         """
         state = self.state
         examples = self.config.screening.counted_examples(update.meta.num_examples)
-        weight = examples * staleness_weight(staleness)
+        weight = 0.0 if update.is_report else examples * staleness_weight(staleness)
         number = state.seq if seq is None else seq
         state.seq = max(state.seq, number + 1)
         return Ticket(number, state.round.number, update, weight, staleness)

@@ -119,7 +119,8 @@ class VerifiedUpdate:
     Args:
         key: (client, round, update id) from the chunks, equal to the envelope's.
         meta: the envelope metadata.
-        delta: float32, finite, manifest-shaped tensors.
+        delta: float32, finite, manifest-shaped tensors; empty for an evaluation report
+            (the answer to an evaluate-only round: metrics only, nothing to fold).
         data: the envelope bytes, persisted as received.
         norm: L2 norm of ``delta`` over all its tensors (what the norm screen judges).
     """
@@ -129,6 +130,11 @@ class VerifiedUpdate:
     delta: dict[str, npt.NDArray[np.float32]] = field(repr=False)
     data: Buffer = field(repr=False)
     norm: float = 0.0
+
+    @property
+    def is_report(self) -> bool:
+        """An evaluation report: an update without tensors (evaluate-only rounds)."""
+        return not self.delta
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,8 @@ def verify_update(
         return _reject(key, "too_large", str(exc))
     except DecodeError as exc:
         return _reject(key, "malformed", str(exc))
+    if not delta:  # an evaluation report; whether the round wants one is not ours to say
+        return VerifiedUpdate(key, meta, {}, data, 0.0)
     problem = check_tensors(delta, schema)
     if problem is not None:
         return _reject(key, *problem)

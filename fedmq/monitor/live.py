@@ -36,8 +36,9 @@ from fedmq.errors import TransportError
 from fedmq.monitor.state import MonitorState
 from fedmq.monitor.view import render
 from fedmq.timeouts import wait_event
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message, MessageHandler
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 
 SETTLE_S = 0.3  # seconds without a retained message after which the burst is over
 TIMEOUT_S = 10.0  # seconds to connect and receive the retained round and aggregator status

@@ -383,6 +383,8 @@ class MonitorState:
             "bytes_out": status.bytes_out,
             "metrics": dict(status.metrics),
             "last_round": status.last_round.model_dump(mode="json") if status.last_round else None,
+            "task": status.task,
+            "evaluation": status.evaluation.model_dump(mode="json") if status.evaluation else None,
             "ts": status.ts,
             "age_s": max(0.0, now - status.ts),
             "signature": self.trust,

@@ -105,6 +105,8 @@ def _header(snapshot: dict[str, Any]) -> Panel:
         line.append_text(_styled(aggregator["state"]))
         rounds = f"/{aggregator['rounds']}" if aggregator["rounds"] else ""
         line.append(f"  round {aggregator['round']}{rounds}", "bold")
+        if aggregator.get("task") == "evaluate":
+            line.append(" evaluate-only", "cyan")
         line.append(f"  ({aggregator['signature']})", "dim")
         lines.append(line)
         deadline_in = aggregator["deadline_in_s"]
@@ -131,6 +133,19 @@ def _header(snapshot: dict[str, Any]) -> Panel:
                 f"out {size(aggregator['bytes_out'])}"
             )
         )
+        evaluation = aggregator.get("evaluation")
+        if evaluation is not None and evaluation["metrics"]:
+            figures = ", ".join(
+                f"{name.removeprefix('eval_')} {value:.4f}"
+                for name, value in sorted(evaluation["metrics"].items())
+            )
+            devices = evaluation["devices"]
+            on = f" on {devices} devices" if devices is not None else ""
+            lines.append(
+                Text(
+                    f"federated evaluation of checkpoint {evaluation['checkpoint']}{on}: {figures}"
+                )
+            )
         last = aggregator["last_round"]
         if last is not None:
             text = Text(f"last round {last['round']}: ")

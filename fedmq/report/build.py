@@ -3,8 +3,10 @@
 ::
 
     <out>/
-      index.html          the page: status, per-round and per-device tables, the plots
-      metrics.png         global (example-weighted) loss and accuracy per round
+      index.html          the page: status, per-round and per-device tables, the plots, and
+                          each device's figures for the newest evaluated global model
+      metrics.png         global (example-weighted) loss and accuracy per round, with the
+                          federated evaluation of each global model
       devices.png         each device's accuracy and training loss per round
       participation.png   selected, updated, rejected, unanswered, dropped agents per round
       traffic.png         bytes received and published, round durations
@@ -70,6 +72,13 @@ def _bars(rounds: Sequence[RoundView], label: str, values: Sequence[float | None
     return Series(label, [x for x, _ in kept], [y for _, y in kept])
 
 
+def _evaluation_series(rounds: Sequence[RoundView], name: str, label: str) -> Series:
+    """Federated evaluation of each global model, at the round that made it (checkpoint)."""
+    points = [(view.number - 1, view.evaluation(name)) for view in rounds]
+    kept = [(x, y) for x, y in points if y is not None]
+    return Series(label, [x for x, _ in kept], [y for _, y in kept])
+
+
 def _quality_ylim(metric: str | None) -> tuple[float, float] | None:
     return (0.0, 1.0) if metric in ("eval_accuracy", "eval_auroc") else None
 
@@ -80,6 +89,14 @@ def figure_panels(history: FederationHistory) -> dict[str, list[Panel]]:
     quality = history.quality_metric
     losses = [_metric_series(rounds, name) for name in ("train_loss", "eval_loss")]
     quality_lines = [_metric_series(rounds, quality)] if quality else []
+    federated = history.evaluation_quality
+    if federated is not None:
+        # x = the checkpoint: the model after that round, on the devices' evaluation data.
+        quality_lines.append(
+            _evaluation_series(rounds, federated, f"{federated} of the global model (federated)")
+        )
+    if "eval_loss" in history.evaluation_names:
+        losses.append(_evaluation_series(rounds, "eval_loss", "eval_loss of the global model"))
     devices = history.devices
     unit, scale = _byte_unit(rounds)
     no_quality = "the agents report no evaluation metric"
@@ -188,11 +205,24 @@ ROUND_COLUMNS = (
     "examples",
     "bytes_in",
     "bytes_out",
+    "task",
 )
 
 
+def evaluation_columns(history: FederationHistory) -> list[str]:
+    """Columns of the federated evaluation of the model each round started from."""
+    names = history.evaluation_names
+    if not names:
+        return []
+    return [*(f"global_{name}" for name in names), "global_eval_devices"]
+
+
 def round_rows(history: FederationHistory) -> list[dict[str, object]]:
-    """One row per round: :data:`ROUND_COLUMNS`, then every weighted metric."""
+    """One row per round: :data:`ROUND_COLUMNS`, every weighted metric, the evaluation.
+
+    ``global_<metric>`` is the federated evaluation of the global model the round was
+    announced with (checkpoint ``round - 1``), over ``global_eval_devices`` devices.
+    """
     rows = []
     for view in history.rounds:
         record = view.record
@@ -210,9 +240,15 @@ def round_rows(history: FederationHistory) -> list[dict[str, object]]:
             "examples": sum(c.counted for c in record.contributions),
             "bytes_in": view.bytes_in,
             "bytes_out": view.bytes_out,
+            "task": record.task,
         }
         for name in history.metric_names:
             row[name] = view.metric(name)
+        if history.evaluation_names:
+            for name in history.evaluation_names:
+                row[f"global_{name}"] = view.evaluation(name)
+            devices = view.evaluation("devices")
+            row["global_eval_devices"] = int(devices) if devices is not None else None
         rows.append(row)
     return rows
 
@@ -220,7 +256,7 @@ def round_rows(history: FederationHistory) -> list[dict[str, object]]:
 def rounds_csv(history: FederationHistory) -> str:
     """The per-round table as CSV text."""
     rows = round_rows(history)
-    columns = [*ROUND_COLUMNS, *history.metric_names]
+    columns = [*ROUND_COLUMNS, *history.metric_names, *evaluation_columns(history)]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)
@@ -271,6 +307,8 @@ def device_rows(history: FederationHistory) -> list[dict[str, object]]:
     shown = [n for n in ("train_loss", "eval_loss", quality) if n is not None and n in reported]
     devices: dict[str, _Device] = {}
     for view in history.rounds:
+        if view.task == "evaluate":
+            continue  # reports, not updates: in the table of the evaluated model
         for item in view.record.contributions:
             device = devices.setdefault(item.client, _Device())
             device.updates += 1
@@ -292,6 +330,46 @@ def device_rows(history: FederationHistory) -> list[dict[str, object]]:
         row.update({f"last {metric}": device.latest.get(metric) for metric in shown})
         rows.append(row)
     return rows
+
+
+def model_device_rows(view: RoundView) -> list[dict[str, object]]:
+    """Each device's figures for the global model round ``view`` evaluated."""
+    rows: list[dict[str, object]] = []
+    for client, figures in sorted(view.record.device_evaluations().items()):
+        examples = figures.get("eval_examples")
+        row: dict[str, object] = {
+            "device": client,
+            "examples": int(examples) if examples is not None else None,
+        }
+        row.update({name: value for name, value in figures.items() if name != "eval_examples"})
+        rows.append(row)
+    overall: dict[str, object] = {"device": "all (example-weighted)"}
+    for name, value in view.record.evaluation.items():
+        if name == "examples":
+            overall["examples"] = int(value)
+        elif name != "devices":
+            overall[name] = value
+    rows.append(overall)
+    return rows
+
+
+def _model_section(history: FederationHistory) -> str:
+    """The per-device table of the newest evaluated global model (the final one, ideally)."""
+    view = history.latest_evaluation
+    if view is None:
+        return "<p>no federated evaluation yet: the agents report none (no evaluation data?)</p>"
+    checkpoint = view.number - 1
+    how = "an evaluate-only round" if view.task == "evaluate" else "before training"
+    note = f"Checkpoint {checkpoint}, evaluated by each device in round {view.number} ({how})."
+    final = history.final_checkpoint
+    if final > checkpoint:
+        note += (
+            f" The newest model is checkpoint {final}: [round] evaluate_final = true "
+            "evaluates the final model on every device."
+        )
+    rows = model_device_rows(view)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    return f"<p>{html.escape(note)}</p>\n{_table(columns, rows)}"
 
 
 CSS = """
@@ -323,6 +401,19 @@ def page(history: FederationHistory, generated: float) -> str:
     ]
     if last is not None and quality is not None and last.metric(quality) is not None:
         facts.insert(3, (f"last {quality}", f"{last.metric(quality):.4f} (round {last.number})"))
+    evaluated = history.latest_evaluation
+    federated = history.evaluation_quality
+    if evaluated is not None and federated is not None:
+        value = evaluated.evaluation(federated)
+        devices = evaluated.evaluation("devices")
+        if value is not None:
+            facts.insert(
+                3,
+                (
+                    f"federated {federated}",
+                    f"{value:.4f} (checkpoint {evaluated.number - 1}, {int(devices or 0)} devices)",
+                ),
+            )
     fact_rows = "\n".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in facts
     )
@@ -338,6 +429,7 @@ def page(history: FederationHistory, generated: float) -> str:
     if history.problems:
         items = "".join(f"<li>{html.escape(p)}</li>" for p in history.problems)
         problems = f'<h2>Skipped files</h2>\n<ul class="problems">{items}</ul>'
+    round_columns = [*ROUND_COLUMNS, *history.metric_names, *evaluation_columns(history)]
     device_table = device_rows(history)
     device_columns = list(dict.fromkeys(k for row in device_table for k in row))
     return f"""<!DOCTYPE html>
@@ -354,9 +446,11 @@ def page(history: FederationHistory, generated: float) -> str:
 </table>
 {images}
 <h2>Rounds</h2>
-{_table([*ROUND_COLUMNS, *history.metric_names], round_rows(history))}
+{_table(round_columns, round_rows(history))}
 <h2>Devices</h2>
 {_table(device_columns, device_table) if device_table else "<p>no contributions yet</p>"}
+<h2>Global model per device (federated evaluation)</h2>
+{_model_section(history)}
 {problems}
 </body>
 </html>

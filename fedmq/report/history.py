@@ -24,7 +24,7 @@ from fedmq.aggregator.store import (
     read_records,
     read_round_stats,
 )
-from fedmq.coordinator.records import RoundRecord
+from fedmq.coordinator.records import EVALUATION_COUNTS, RoundRecord
 from fedmq.errors import StateError
 
 QUALITY_METRICS = ("eval_accuracy", "eval_auroc", "eval_mse", "eval_mae")
@@ -102,6 +102,16 @@ class RoundView:
         value = self.record.metrics.get(name)
         return value if value is not None and math.isfinite(value) else None
 
+    @property
+    def task(self) -> str:
+        """``train``, or ``evaluate`` (an evaluate-only round)."""
+        return self.record.task
+
+    def evaluation(self, name: str) -> float | None:
+        """The federated evaluation's ``name`` of checkpoint ``number - 1`` (None: none)."""
+        value = self.record.evaluation.get(name)
+        return value if value is not None and math.isfinite(value) else None
+
 
 @dataclass(frozen=True)
 class FederationHistory:
@@ -132,6 +142,34 @@ class FederationHistory:
         first = [n for n in (*LOSS_METRICS, *QUALITY_METRICS) if n in found]
         rest = sorted(found - set(first) - set(COUNT_METRICS))
         return first + rest
+
+    @property
+    def evaluation_names(self) -> list[str]:
+        """Every federated evaluation metric some round reports, loss and quality first."""
+        found = {name for view in self.rounds for name in view.record.evaluation}
+        found -= set(EVALUATION_COUNTS)
+        first = [n for n in ("eval_loss", *QUALITY_METRICS) if n in found]
+        return first + sorted(found - set(first))
+
+    @property
+    def evaluation_quality(self) -> str | None:
+        """The accuracy-like metric of the federated evaluations (``eval_accuracy``, …)."""
+        names = self.evaluation_names
+        return next((name for name in QUALITY_METRICS if name in names), None)
+
+    @property
+    def latest_evaluation(self) -> RoundView | None:
+        """The newest round whose devices evaluated the global model it started from."""
+        return next((v for v in reversed(self.rounds) if v.record.device_evaluations()), None)
+
+    @property
+    def final_checkpoint(self) -> int:
+        """The newest global model: the checkpoint of the last training round that closed.
+
+        Failed and evaluate-only rounds keep the model (their checkpoints repeat it).
+        """
+        made = [v.number for v in self.rounds if v.task == "train" and v.record.outcome == "closed"]
+        return max(made, default=0)
 
     @property
     def devices(self) -> list[str]:

@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmq.errors import DecodeError, IntegrityError, InvalidTopicError
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import BlobAssembler
 from fedmq.wire.chunks import decode_chunk
 from fedmq.wire.control import Ack, AgentStatus, RoundAnnouncement, decode_control

@@ -109,6 +109,8 @@ class SimulationOptions:
         deadline_s: round deadline (None: the default for simulations).
         training: local-training overrides.
         keep_updates: keep every update envelope seen on the wire in the report.
+        evaluate_final: the last round is evaluate-only (``[round] evaluate_final``): the
+            report shows each agent's figures for the final model.
     """
 
     agents: int = DEFAULT_AGENTS
@@ -128,6 +130,7 @@ class SimulationOptions:
     deadline_s: float | None = None
     training: TrainingOverrides = field(default_factory=TrainingOverrides)
     keep_updates: bool = False
+    evaluate_final: bool = False
 
     def __post_init__(self) -> None:
         limit = MAX_PROCESS_AGENTS if self.processes else MAX_AGENTS

@@ -47,7 +47,11 @@ def round_line(row: RoundRow, rounds: int, metric: str | None, elapsed_s: float)
     text.append(f"round {row.round}/{rounds} ", style="bold")
     style = "green" if row.outcome == "closed" else "red"
     text.append(f"{row.outcome} ({row.reason})", style=style)
-    text.append(f" · {row.updates_accepted}/{row.selected} updates")
+    evaluating = row.task == "evaluate"
+    if evaluating:
+        text.append(" · evaluate-only", style="cyan")
+    answers = "reports" if evaluating else "updates"
+    text.append(f" · {row.updates_accepted}/{row.selected} {answers}")
     if row.dropped_agents:
         text.append(f" · {row.dropped_agents} dropped", style="yellow")
     if row.updates_rejected:
@@ -55,6 +59,9 @@ def round_line(row: RoundRow, rounds: int, metric: str | None, elapsed_s: float)
     if row.train_loss is not None:
         text.append(f" · train loss {row.train_loss:.4f}")
     text.append(_metric(metric, value))
+    federated = row.global_eval_accuracy
+    if evaluating and federated is not None:  # the model under evaluation, on the agents' data
+        text.append(f" · agents' accuracy {federated:.4f}")
     text.append(f" · {row.wall_time_s:.2f} s · elapsed {elapsed_s:.1f} s", style="dim")
     return text
 

@@ -5,7 +5,8 @@
     <out>/
       rounds.csv        one row per round (columns: fedmq.simulate.rounds.COLUMNS)
       rounds.json       the same rows, plus the run's settings and the initial model's metrics
-      summary.json      the run at a glance: settings, broker, final metrics, bytes per round
+      summary.json      the run at a glance: settings, broker, final metrics, bytes per round,
+                        and (--evaluate-final) each agent's figures for the final model
       summary.txt       the same for people, with a bytes-per-round table
       metrics.png       loss and accuracy (or AUROC) per round
       model.onnx        the final global model, standalone (fedmq export)
@@ -37,6 +38,7 @@ from fedmq.simulate.rounds import COLUMNS, RoundRow
 
 if TYPE_CHECKING:
     from fedmq.aggregator.config import AggregatorSettings
+    from fedmq.coordinator.records import RoundRecord
     from fedmq.simulate.brokers import BrokerPlan
     from fedmq.simulate.options import SimulationOptions
     from fedmq.simulate.workloads import Workload
@@ -79,6 +81,26 @@ def prepare_out_dir(out: Path) -> Path:
     return out
 
 
+def final_devices(records: Sequence[RoundRecord]) -> dict[str, Any] | None:
+    """Each agent's figures for the final model, if the last round was evaluate-only.
+
+    ``{"round", "checkpoint", "overall": {eval_loss, eval_accuracy, …, examples,
+    devices}, "devices": {client: {eval_loss, eval_accuracy, …, eval_examples}}}``.
+    """
+    if not records or records[-1].task != "evaluate":
+        return None
+    last = records[-1]
+    devices = last.device_evaluations()
+    if not devices:
+        return None
+    return {
+        "round": last.round,
+        "checkpoint": last.round - 1,
+        "overall": dict(last.evaluation),
+        "devices": {client: devices[client] for client in sorted(devices)},
+    }
+
+
 def build_summary(
     *,
     options: SimulationOptions,
@@ -92,6 +114,7 @@ def build_summary(
     dropped: Mapping[int, list[str]],
     started_at: float,
     ended_at: float,
+    devices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``summary.json`` document of a run (:func:`summary_text` shows it to people).
 
@@ -107,6 +130,7 @@ def build_summary(
         dropped: the agents made to vanish, per round.
         started_at: Unix time the run started.
         ended_at: Unix time it ended.
+        devices: each agent's figures for the final model (:func:`final_devices`).
     """
     return {
         "fedmq_version": fedmq.__version__,
@@ -142,6 +166,7 @@ def build_summary(
         },
         "dropped": {str(k): v for k, v in sorted(dropped.items()) if v},
         "notes": workload.notes,
+        "final_devices": devices,
     }
 
 
@@ -185,6 +210,7 @@ def summary_text(summary: dict[str, Any], rows: Sequence[RoundRow]) -> str:
         if metrics:
             shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
             lines.append(f"{label}: {shown}")
+    lines += _device_lines(summary.get("final_devices"))
     lines += ["", "bytes per round (up: update chunks sent; down: fetched, estimated)"]
     lines.append(f"{'round':>5}  {'up':>12}  {'down':>12}  {'per agent up':>12}")
     for row in rows:
@@ -198,6 +224,32 @@ def summary_text(summary: dict[str, Any], rows: Sequence[RoundRow]) -> str:
         f"{'total':>5}  {human_bytes(totals['up']):>12}  {human_bytes(totals['down']):>12}"
     )
     return "\n".join(lines) + "\n"
+
+
+def _device_lines(table: Mapping[str, Any] | None) -> list[str]:
+    """The per-agent table of the final model (empty without one)."""
+    if not table:
+        return []
+    devices: Mapping[str, Mapping[str, float]] = table["devices"]
+    names = sorted({n for figures in devices.values() for n in figures} - {"eval_examples"})
+    width = max(len("all (weighted)"), *(len(client) for client in devices))
+    lines = [
+        "",
+        f"final model (checkpoint {table['checkpoint']}) on each agent's evaluation data "
+        f"(round {table['round']}, evaluate-only)",
+        f"{'agent':<{width}}  {'examples':>8}" + "".join(f"  {n:>14}" for n in names),
+    ]
+
+    def line(label: str, examples: float | None, figures: Mapping[str, float]) -> str:
+        shown = "".join(f"  {figures[n]:>14.4f}" if n in figures else f"  {'':>14}" for n in names)
+        count = f"{int(examples):>8}" if examples is not None else f"{'':>8}"
+        return f"{label:<{width}}  {count}{shown}"
+
+    for client, figures in devices.items():
+        lines.append(line(client, figures.get("eval_examples"), figures))
+    overall = table["overall"]
+    lines.append(line("all (weighted)", overall.get("examples"), overall))
+    return lines
 
 
 def write_report(

@@ -3,7 +3,8 @@
 Sources: the aggregator's round record (outcome, contributors, rejections, agents'
 weighted metrics, open/close times), the central evaluation of the round's checkpoint,
 the observer's byte counts and acks, and the simulator's own list of devices it made
-vanish.
+vanish.  ``global_eval_*`` is the federated evaluation: the model the round started from
+(checkpoint ``round - 1``) on the agents' own evaluation data, example-weighted.
 
 ``bytes_up`` is measured: the update chunk payloads agents published.  ``bytes_down``
 is derived from sizes seen on the wire: the announcement for every selected agent, the
@@ -21,6 +22,7 @@ from fedmq.coordinator.records import RoundRecord
 from fedmq.simulate.observer import Observer
 
 TEST_METRICS = ("test_loss", "test_accuracy", "test_auroc", "test_mse")
+FEDERATED_METRICS = ("global_eval_loss", "global_eval_accuracy", "global_eval_mse")
 COLUMNS = (
     "round",
     "outcome",
@@ -35,6 +37,8 @@ COLUMNS = (
     "bytes_up",
     "bytes_down",
     "close_lag_s",
+    "task",
+    *FEDERATED_METRICS,
 )
 
 
@@ -62,6 +66,10 @@ class RoundRow:
     bytes_up: int
     bytes_down: int
     close_lag_s: float | None
+    task: str = "train"
+    global_eval_loss: float | None = None
+    global_eval_accuracy: float | None = None
+    global_eval_mse: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         """The row as a JSON-ready mapping, in column order."""
@@ -112,4 +120,8 @@ def build_row(
         bytes_up=traffic.bytes_up,
         bytes_down=bytes_down,
         close_lag_s=close_lag,
+        task=record.task,
+        global_eval_loss=_finite(record.evaluation.get("eval_loss")),
+        global_eval_accuracy=_finite(record.evaluation.get("eval_accuracy")),
+        global_eval_mse=_finite(record.evaluation.get("eval_mse")),
     )

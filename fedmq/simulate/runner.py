@@ -67,7 +67,7 @@ from fedmq.simulate.parts import (
 )
 from fedmq.simulate.progress import ProgressView, Snapshot
 from fedmq.simulate.project import project_workload
-from fedmq.simulate.report import build_summary, prepare_out_dir, write_report
+from fedmq.simulate.report import build_summary, final_devices, prepare_out_dir, write_report
 from fedmq.simulate.rounds import RoundRow, build_row
 from fedmq.simulate.settings import (
     aggregator_settings,
@@ -323,7 +323,7 @@ class Simulation:
     ) -> None:
         # A task of its own: after Ctrl-C this one is still "cancelling", and the MQTT
         # session re-raises the cancellation aiomqtt may swallow for any task that is
-        # (mqtt._raise_if_cancelling), which would end the clean-up at its first publish.
+        # (aiomqtt_fixes.raise_if_cancelling), which would end the clean-up at its first publish.
         self.cleanup = cleanup = await asyncio.create_task(
             clean_up(broker, topics, clear_client=f"{self.name}-clear", session_clients=persistent),
             name="fedmq-sim.clean-up",
@@ -533,6 +533,7 @@ class Simulation:
             dropped=self.dropped,
             started_at=started_at,
             ended_at=time.time(),
+            devices=final_devices(list(read_records(settings.state_dir))),
         )
         await asyncio.to_thread(write_report, out, rows, summary)
         return SimulationResult(out, rows, summary, plan, list(workload.notes))

@@ -49,6 +49,8 @@ SIM_HEARTBEAT_MAX = 20.0  # seconds: even huge fleets notice a silent agent with
 SIM_ROUND_RETRY = 1.0  # seconds before an agent retries a failed round
 SIM_ACK_TIMEOUT = 15.0  # seconds before an agent re-sends an unacknowledged update
 SIM_DOWNLOAD_TIMEOUT = 120.0  # seconds for one blob download (a busy 1000-agent round)
+# With --evaluate-final, each agent holds this much of its data out for local evaluation.
+SIM_EVAL_FRACTION = 0.2
 # Larger fleets log agent messages at WARNING and up only: a thousand agents write a few
 # lines each per round.
 QUIET_FLEET = 20
@@ -195,6 +197,8 @@ def aggregator_settings(
         overrides["codec"] = options.codec
     if options.strategy is not None:
         overrides["strategy"] = {"name": options.strategy}
+    if options.evaluate_final:
+        overrides["round"]["evaluate_final"] = True
     base = workload.aggregator
     # A project's TLS and credentials are for its real broker, not the simulator's.
     kept = {k: v for k, v in base.get("broker", {}).items() if k in ("keepalive_s",)}
@@ -259,13 +263,25 @@ def agent_document(
         "heartbeat_s": heartbeat_for(options.agents),
         "log_level": log_level,
         "broker": dict(broker),
-        "data": workload.agent_data[index],
+        "data": _agent_data(workload.agent_data[index], options),
         "limits": {
             "round_retry_s": SIM_ROUND_RETRY,
             "download_timeout_s": SIM_DOWNLOAD_TIMEOUT,
         },
         "outbox": {"ack_timeout_s": SIM_ACK_TIMEOUT},
     }
+
+
+def _agent_data(table: Mapping[str, Any], options: SimulationOptions) -> dict[str, Any]:
+    """An agent's ``[data]`` table: with ``--evaluate-final``, a local evaluation split.
+
+    The shipped workloads train on every example (a central test set measures the
+    model); evaluating the final model on each agent needs data of the agent's own.
+    """
+    data = dict(table)
+    if options.evaluate_final and data.get("eval_fraction") == 0.0:
+        data["eval_fraction"] = SIM_EVAL_FRACTION
+    return data
 
 
 def make_fleet(

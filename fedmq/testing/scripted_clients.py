@@ -33,8 +33,9 @@ import numpy.typing as npt
 
 from fedmq.timeouts import wait_event
 from fedmq.transport.blobs import publish_chunks
+from fedmq.transport.broker_settings import BrokerSettings, LastWill
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, LastWill, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import BlobRef, blob_ref
 from fedmq.wire.chunks import encode_blob_chunks
 from fedmq.wire.control import (

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from fedmq.errors import ConfigError
-from fedmq.transport.mqtt import KEEPALIVE, BrokerAddress, BrokerSettings
+from fedmq.transport.broker_settings import KEEPALIVE, BrokerAddress, BrokerSettings
 
 TLS_FILE_KEYS = ("ca_file", "cert_file", "key_file")
 

@@ -33,7 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedmq.errors import DecodeError, InvalidTopicError
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.broker_settings import BrokerSettings
+from fedmq.transport.mqtt import MqttSession
 from fedmq.transport.retained import SCAN_TIMEOUT, retained_snapshot
 from fedmq.wire.control import AgentStatus, AggregatorStatus, RoundAnnouncement, decode_control
 from fedmq.wire.topics import (

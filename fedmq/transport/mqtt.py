@@ -11,12 +11,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
@@ -25,15 +21,19 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from fedmq.backoff import Backoff
-from fedmq.errors import ConfigError, TransportError
+from fedmq.errors import TransportError
 from fedmq.timeouts import wait_event
+from fedmq.transport.aiomqtt_fixes import (
+    drop_pending,
+    forget_last_connection,
+    raise_if_cancelling,
+)
+from fedmq.transport.broker_settings import BrokerSettings, LastWill
 from fedmq.transport.message import Message, MessageHandler
+from fedmq.transport.takeover import SESSION_TAKEN_OVER, TakeoverWatch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
-KEEPALIVE = 30  # seconds: a dead agent's last will fires within 1.5x this
-SESSION_EXPIRY = 24 * 3600  # seconds: queued QoS 1 messages survive a day-long outage
 CONNECT_TIMEOUT = 10.0  # seconds: TCP + TLS + CONNACK on a slow plant network
 DISCONNECT_TIMEOUT = 1.0  # seconds: a clean DISCONNECT at shutdown is best effort
 PUBLISH_TIMEOUT = 30.0  # seconds: one QoS 1 round trip, including a reconnect
@@ -42,103 +42,8 @@ MAX_INFLIGHT = 200  # QoS 1 messages unacknowledged at once: keeps chunk uploads
 ConnectHook = Callable[["MqttSession"], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    """Where the broker listens, parsed from ``mqtt://host:port`` or ``mqtts://host:port``."""
-
-    scheme: Literal["mqtt", "mqtts"]
-    host: str
-    port: int
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        """Parse a broker URL.
-
-        Raises:
-            ConfigError: unknown scheme, missing host, or bad port.
-        """
-        parts = urlsplit(url)
-        if parts.scheme not in DEFAULT_PORTS:
-            raise ConfigError(f"broker URL {url!r} must start with mqtt:// or mqtts://")
-        if not parts.hostname:
-            raise ConfigError(f"broker URL {url!r} has no host")
-        try:
-            port = parts.port or DEFAULT_PORTS[parts.scheme]
-        except ValueError as exc:
-            raise ConfigError(f"broker URL {url!r} has an invalid port") from exc
-        return cls(parts.scheme, parts.hostname, port)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class BrokerSettings:
-    """How to reach and authenticate to the broker.
-
-    Args:
-        url: ``mqtt://host:port`` or ``mqtts://host:port``.
-        client_id: MQTT client identifier (the device id for agents).
-        username: optional username (with mTLS, Mosquitto can take it from the cert CN).
-        password: optional password.
-        ca_file: CA bundle to verify the broker (mqtts); system CAs when None.
-        cert_file: client certificate for mTLS.
-        key_file: private key of ``cert_file``.
-        protocol: MQTT protocol version; 3.1.1 for brokers without MQTT 5.
-        persistent_session: keep subscriptions and queued QoS 1 messages across reconnects.
-        keepalive: seconds between pings; also how fast the broker notices a dead client.
-        max_packet_size: the broker's packet cap in bytes, for brokers that do not state
-            it in their MQTT 5 CONNACK (3.1.1); the smaller of the two applies.
-    """
-
-    url: str
-    client_id: str
-    username: str | None = None
-    password: str | None = None
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    protocol: Literal["5", "3.1.1"] = "5"
-    persistent_session: bool = True
-    keepalive: int = KEEPALIVE
-    session_expiry: int = SESSION_EXPIRY
-    max_packet_size: int | None = None
-
-    @property
-    def address(self) -> BrokerAddress:
-        """The parsed broker URL."""
-        return BrokerAddress.parse(self.url)
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        """TLS context for ``mqtts://`` URLs (None for plaintext)."""
-        if self.address.scheme != "mqtts":
-            return None
-        try:
-            context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
-            if self.cert_file is not None:
-                context.load_cert_chain(
-                    str(self.cert_file), str(self.key_file) if self.key_file else None
-                )
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load TLS files for {self.url}: {exc}") from exc
-        return context
-
-
 class PacketTooLargeError(TransportError):
     """A message would exceed the broker's maximum packet size (never sent)."""
-
-
-class DuplicateClientIdError(ConfigError):
-    """Another connection keeps taking over our session: two clients share one id."""
-
-
-# MQTT 5 DISCONNECT reason "Session taken over": another client connected with our id.
-SESSION_TAKEN_OVER = 0x8E
-TAKEOVER_LIMIT = 3  # takeovers within TAKEOVER_WINDOW before giving up: not a fluke
-TAKEOVER_WINDOW = 120.0  # seconds
-# Mosquitto 2.0 closes the older connection without saying why.  Two clients sharing an
-# id then knock each other off every fraction of a second; a flaky network does not
-# accept and drop a connection this often, this fast.
-SHORT_LIVED = 5.0  # seconds a connection lasted
-SHORT_LIVED_LIMIT = 8  # such connections within SHORT_LIVED_WINDOW
-SHORT_LIVED_WINDOW = 60.0  # seconds
 
 
 class BrokerRefusedError(TransportError):
@@ -159,53 +64,6 @@ PUBLISH_OVERHEAD = 13
 def publish_packet_size(topic: str, payload_size: int) -> int:
     """Upper bound of the PUBLISH packet carrying ``payload_size`` bytes on ``topic``."""
     return PUBLISH_OVERHEAD + len(topic.encode()) + payload_size
-
-
-@dataclass(frozen=True)
-class LastWill:
-    """Message the broker publishes for us when we vanish without disconnecting."""
-
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = True
-
-
-def _raise_if_cancelling(cause: BaseException | None) -> None:
-    """Re-raise a cancellation aiomqtt swallowed.
-
-    aiomqtt waits with ``asyncio.wait_for``, which on Python 3.11 drops a cancellation
-    that arrives as the awaited operation completes or fails (a connection dropped
-    under a cancelled publisher does both).  The caller would then carry on as if
-    never cancelled, and a task group waiting for it would hang.
-    """
-    current = asyncio.current_task()
-    if current is not None and current.cancelling():
-        raise asyncio.CancelledError from cause
-
-
-def _drop_pending(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
-    """Remove an unacknowledged publish from paho's queue of messages to retransmit."""
-    paho = client._client
-    with paho._out_message_mutex:
-        for mid, message in list(paho._out_messages.items()):
-            if message.topic == topic and message.payload == payload:
-                del paho._out_messages[mid]
-
-
-def _forget_last_connection(client: aiomqtt.Client) -> None:
-    """Make a reused aiomqtt client wait for the next CONNACK (aiomqtt 2.x bug).
-
-    After an unexpected disconnect aiomqtt leaves its "connected" future done, so the
-    next ``__aenter__`` returns before the broker has answered: a refused CONNECT would
-    go unnoticed and a disconnect right after it would be lost.
-    """
-    if client._connected.done():
-        if not client._connected.cancelled():
-            client._connected.exception()  # retrieved: no "never retrieved" warning
-        client._connected = asyncio.get_running_loop().create_future()
-    if client._disconnected.done() and not client._disconnected.cancelled():
-        client._disconnected.exception()  # aiomqtt replaces it without looking
 
 
 def _to_message(received: aiomqtt.Message) -> Message:
@@ -256,8 +114,7 @@ class MqttSession:
         self.last_error: str | None = None
         self._connack_max_packet: int | None = None  # from the latest CONNACK (MQTT 5)
         self._lost = asyncio.Event()  # set when the current connection ends
-        self._takeovers: list[float] = []  # loop times our session was taken over
-        self._short_lived: list[float] = []  # loop times connections ended young
+        self._takeover_watch = TakeoverWatch(settings.client_id)
         self._connected_at = 0.0
 
     @property
@@ -361,7 +218,7 @@ class MqttSession:
         client = self._make_client()
         while True:
             try:
-                _forget_last_connection(client)
+                forget_last_connection(client)
                 async with client:
                     try:
                         await self._serve(client, handler)
@@ -373,7 +230,7 @@ class MqttSession:
             except aiomqtt.MqttError as exc:
                 # aiomqtt's exit may raise MqttError while we are being cancelled;
                 # swallowing it would keep a stopped service reconnecting forever.
-                _raise_if_cancelling(exc)
+                raise_if_cancelling(exc)
                 was_connected = self._connected.is_set()
                 self._note_takeover(exc, was_connected)
                 self.last_error = str(exc) or type(exc).__name__
@@ -394,33 +251,14 @@ class MqttSession:
     def _note_takeover(self, error: aiomqtt.MqttError, was_connected: bool) -> None:
         """Stop, rather than fight forever, when another client keeps using our id."""
         now = asyncio.get_running_loop().time()
-        client_id = self.settings.client_id
-        advice = "Give every device its own client_id (and certificate)"
         # The reason code is on the error, or on its cause ("Disconnected during message
         # iteration" wraps the disconnect's MqttCodeError).
         codes = [getattr(e, "rc", None) for e in (error, error.__cause__) if e is not None]
-        if SESSION_TAKEN_OVER in [getattr(code, "value", code) for code in codes]:
-            self._takeovers = [t for t in self._takeovers if now - t < TAKEOVER_WINDOW]
-            self._takeovers.append(now)
-            log.warning("another connection with client id %r took over our session", client_id)
-            if len(self._takeovers) >= TAKEOVER_LIMIT:
-                raise DuplicateClientIdError(
-                    f"another client uses client id {client_id!r}: the broker handed our "
-                    f"session to it {len(self._takeovers)} times in {TAKEOVER_WINDOW:.0f} s. "
-                    + advice
-                )
-            return
-        if not was_connected or now - self._connected_at >= SHORT_LIVED:
-            return
-        self._short_lived = [t for t in self._short_lived if now - t < SHORT_LIVED_WINDOW]
-        self._short_lived.append(now)
-        if len(self._short_lived) >= SHORT_LIVED_LIMIT:
-            raise DuplicateClientIdError(
-                f"the broker closed {len(self._short_lived)} connections within seconds of "
-                f"accepting them in the last {SHORT_LIVED_WINDOW:.0f} s: another client most "
-                f"likely uses client id {client_id!r} (a broker closes the older connection "
-                "when a second one connects with the same id). " + advice
-            )
+        self._takeover_watch.connection_ended(
+            taken_over=SESSION_TAKEN_OVER in [getattr(code, "value", code) for code in codes],
+            lasted=now - self._connected_at if was_connected else None,
+            now=now,
+        )
 
     async def _serve(self, client: aiomqtt.Client, handler: MessageHandler) -> None:
         paho = client._client
@@ -508,7 +346,7 @@ class MqttSession:
                 # paho would retransmit it on the next connection by itself: a duplicate
                 # at best, and a connection reset after every reconnect for a message the
                 # broker refuses.  We publish it again ourselves.
-                _drop_pending(client, topic, payload)
+                drop_pending(client, topic, payload)
                 drops += 1
                 if drops >= SUSPECT_DROPS and len(payload) >= SUSPECT_SIZE:
                     raise BrokerRefusedError(
@@ -521,13 +359,13 @@ class MqttSession:
             try:
                 attempt.result()
             except aiomqtt.MqttError as exc:
-                _raise_if_cancelling(exc)
+                raise_if_cancelling(exc)
                 if loop.time() >= deadline:
                     raise TransportError(f"publish to {topic} failed: {exc}") from exc
                 # The connection dropped under us; the run loop is reconnecting.
                 await asyncio.sleep(0.05)
             else:
-                _raise_if_cancelling(None)
+                raise_if_cancelling(None)
                 self.bytes_sent += len(payload)
                 return
 

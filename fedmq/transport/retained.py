@@ -27,8 +27,9 @@ from paho.mqtt.client import topic_matches_sub
 
 from fedmq.errors import TransportError
 from fedmq.timeouts import wait_event
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 
 log = logging.getLogger(__name__)
 

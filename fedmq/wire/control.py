@@ -20,7 +20,9 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
+    model_serializer,
 )
 
 from fedmq.buffers import Buffer
@@ -80,6 +82,38 @@ after the last round.  The aggregator status uses it as is; the announcement say
 
 AnnouncedStatus = Literal["open", "waiting", "finished"]
 
+RoundTask = Literal["train", "evaluate"]
+"""What a round asks of its agents: ``train`` (the default) or ``evaluate`` the global model."""
+
+
+class ModelRelease(BaseModel):
+    """One global model released for local inference, in ``RoundAnnouncement.models``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    checkpoint: RoundNumber = Field(
+        description="the round after which the model was saved (0: the initial model)"
+    )
+    model: BlobRef = Field(
+        description="the standalone ONNX inference model, what `fedmq export` writes"
+    )
+    metrics: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="the federated evaluation of this checkpoint (example-weighted), if any",
+    )
+
+
+class ModelReleases(BaseModel):
+    """The inference models an aggregator releases: the newest, and the best evaluated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latest: ModelRelease | None = Field(None, description="the newest global model")
+    best: ModelRelease | None = Field(
+        None, description="the best by federated evaluation (None: nothing evaluated yet)"
+    )
+
 
 class RoundAnnouncement(ControlMessage):
     """The current round of a federation, retained on ``…/round``.
@@ -98,6 +132,11 @@ class RoundAnnouncement(ControlMessage):
     round: RoundNumber
     status: AnnouncedStatus = "open"
     mode: Literal["sync", "async"] = "sync"
+    task: RoundTask = Field(
+        "train",
+        description="train: train and send a delta; evaluate: evaluate the global model "
+        "only and send a report (an update without tensors); the model does not change",
+    )
     issued_at: Timestamp
     deadline: Timestamp = Field(description="unix time after which updates may be dropped")
     bundle: BlobRef = Field(description="model bundle archive (train step, model, manifest)")
@@ -105,9 +144,40 @@ class RoundAnnouncement(ControlMessage):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     codec: CodecText = Field("raw", description="codec agents encode their delta with")
     chunk_size: int = Field(256 * 1024, ge=1024, le=16 * 1024 * 1024)
+    upload_slots: int | None = Field(
+        None,
+        ge=1,
+        description="paced uploads: send chunk 0 only, the rest when asked (a resend "
+        "request); at most this many agents upload at once. None: send everything",
+    )
     selected: list[Identifier] | None = Field(
         None, description="agents asked to train; None = any agent may contribute"
     )
+    models: ModelReleases | None = Field(
+        None,
+        description="inference models agents may install (absent when the aggregator "
+        "publishes none: agents older than the field refuse announcements carrying it)",
+    )
+
+    # Fields added within version 1, and the value that means "not used".  They are left
+    # out rather than sent at that value: agents that predate a field refuse any
+    # announcement carrying it (unknown fields are errors), so an aggregator that uses
+    # none of them stays readable by them.  Dumps of a decoded announcement then
+    # reproduce the signed document.
+    _OMITTED_WHEN: ClassVar[dict[str, object]] = {
+        "task": "train",
+        "upload_slots": None,
+        "models": None,
+    }
+
+    @model_serializer(mode="wrap")
+    def _omit_unused_additions(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name, unused in self._OMITTED_WHEN.items():
+                if name in data and data[name] == unused:
+                    del data[name]
+        return data
 
     def addresses(self, client: str) -> bool:
         """True if ``client`` is asked to train in this round."""
@@ -233,6 +303,26 @@ class RoundSummary(_Part):
     bytes_out: Bytes = Field(0, description="blob and control bytes published during it")
 
 
+class FederatedEvaluation(_Part):
+    """The newest federated evaluation, in ``AggregatorStatus.evaluation``.
+
+    The agents of round ``round`` evaluated the global model they received (checkpoint
+    ``checkpoint`` = ``round`` - 1) on their local evaluation data before training (or,
+    in an evaluate-only round, instead of training).
+    """
+
+    round: RoundNumber
+    checkpoint: RoundNumber = Field(description="the global model evaluated")
+    task: RoundTask | None = Field(None, description="the round's (None: after a restart)")
+    metrics: dict[str, float] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="example-weighted over the devices: eval_loss, eval_accuracy, …",
+    )
+    devices: int | None = Field(None, ge=0, description="devices that evaluated it")
+    examples: int | None = Field(None, ge=0, description="their evaluation examples")
+
+
 class RecentRejection(_Part):
     """One refused update or chunk, in ``AggregatorStatus.recent_rejections``."""
 
@@ -278,6 +368,10 @@ class AggregatorStatus(ControlMessage):
     last_round: RoundSummary | None = None
     recent_rejections: list[RecentRejection] = Field(
         default_factory=list, max_length=MAX_RECENT_REJECTIONS
+    )
+    task: RoundTask = Field("train", description="what the current round asks of its agents")
+    evaluation: FederatedEvaluation | None = Field(
+        None, description="the newest federated evaluation of a global model"
     )
 
 

@@ -23,6 +23,11 @@ from fedmq.wire.tensors import decode_tensors
 from fedmq.wire.topics import MAX_ROUND
 
 KIND = "update"
+# Metrics of the global model the agent received, evaluated before it trained (federated
+# evaluation): ``global_eval_loss``, ``global_eval_accuracy``, …, and the examples they
+# are means over.  An update without tensors carries only these: an evaluation report.
+GLOBAL_METRIC_PREFIX = "global_"
+GLOBAL_EVAL_EXAMPLES = "global_eval_examples"
 MAX_METRICS = 64  # entries: loss/accuracy/… per update; more is a misbehaving agent
 MAX_METRIC_NAME = 64  # characters
 MAX_EXAMPLES = 2**53

@@ -22,8 +22,9 @@ import numpy.typing as npt
 from fedmq.bundle.bundle import Bundle
 from fedmq.timeouts import within
 from fedmq.transport.blobs import publish_blob
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.archive import pack_files
 from fedmq.wire.blobs import BlobAssembler, BlobRef, blob_ref
 from fedmq.wire.chunks import ChunkHeader, decode_chunk
@@ -128,6 +129,7 @@ class ScriptedAggregator:
         selected: list[str] | None = None,
         status: str = "open",
         federation: str | None = None,
+        upload_slots: int | None = None,
     ) -> RoundAnnouncement:
         now = time.time()
         announcement = RoundAnnouncement(
@@ -143,6 +145,7 @@ class ScriptedAggregator:
             codec=codec,
             chunk_size=chunk_size,
             selected=selected,
+            upload_slots=upload_slots,
         )
         await self.publish_raw_round(encode_control(announcement, self.signer))
         return announcement

@@ -36,9 +36,9 @@ from fedmq.testing.scripted_clients import (
     ScriptedConnection,
 )
 from fedmq.timeouts import within
-from fedmq.transport.blobs import BlobReceiver
+from fedmq.transport.blob_receiver import BlobReceiver
+from fedmq.transport.broker_settings import LastWill
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import LastWill
 from fedmq.wire.control import AgentStatus, AggregatorStatus, RoundAnnouncement, encode_control
 from fedmq.wire.signing import SigningKey
 from fedmq.wire.tensor_codecs import CodecSpec

@@ -22,7 +22,8 @@ from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.cli.clear_cmd import Retained
 from fedmq.cli.commands import app
 from fedmq.testing.scripted_clients import WAIT
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.broker_settings import BrokerSettings
+from fedmq.transport.mqtt import MqttSession
 from fedmq.transport.retained import retained_snapshot
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.chunks import encode_blob_chunks
@@ -81,10 +82,16 @@ async def test_a_finished_federation_leaves_only_its_announcement_and_statuses(
     await agent.stop()
 
     found = kinds(topics, await retained(broker, federation))
-    assert found.blobs == {}  # neither the bundle nor any parameter set is left
     assert found.announcement is not None
     announcement = RoundAnnouncement.model_validate_json(found.announcement[1])
     assert (announcement.status, announcement.bundle) == ("finished", opened.bundle)
+    # Neither the bundle nor any parameter set is left: only the released inference
+    # models ([delivery] publish_models), which devices may still install.
+    assert announcement.models is not None
+    assert announcement.models.latest is not None
+    assert announcement.models.latest.checkpoint == 1
+    released = {r.model.sha256 for r in (announcement.models.latest, announcement.models.best) if r}
+    assert set(found.blobs) == released
     assert found.aggregator is not None  # its offline status, and the agent's
     assert sorted(found.agents) == ["a"]
 

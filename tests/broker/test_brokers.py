@@ -13,9 +13,11 @@ import pytest
 from fedmq.broker.embedded import EmbeddedBroker
 from fedmq.broker.mosquitto import MosquittoBroker, MosquittoConfig
 from fedmq.errors import TransportError
-from fedmq.transport.blobs import BlobReceiver, publish_blob
+from fedmq.transport.blob_receiver import BlobReceiver
+from fedmq.transport.blobs import publish_blob
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.topics import BlobChunkTopic, Topics
 

@@ -18,6 +18,7 @@ from aggregator.scripted import records, running_service, wait_for
 
 from edge_agent.config import parse_settings
 from fedmq.aggregator.config import load_settings
+from fedmq.aggregator.statistics import AggregatorStatistics
 from fedmq.broker.mosquitto import MosquittoBroker, MosquittoConfig
 from fedmq.coordinator.records import RoundRecord
 
@@ -54,6 +55,7 @@ class Outcome:
     """What a run produced."""
 
     rounds: list[RoundRecord]
+    statistics: AggregatorStatistics
 
     @property
     def durations(self) -> list[float]:
@@ -65,9 +67,22 @@ def broker_config(limits: dict[str, int]) -> MosquittoConfig:
 
 
 async def federation(
-    broker: MosquittoBroker, bundle: Path, work: Path, federation_id: str, rounds: int = 3
+    broker: MosquittoBroker,
+    bundle: Path,
+    work: Path,
+    federation_id: str,
+    rounds: int = 3,
+    *,
+    queue: int | None = None,
 ) -> Outcome:
-    """Run ``rounds`` rounds of ten real agents; return the round records."""
+    """Run ``rounds`` rounds of ten real agents; return the round records.
+
+    ``queue`` is the broker's ``max_queued_messages`` as the aggregator is told it
+    (``[broker] max_queued_messages``: uploads are paced to fit); None paces nothing.
+    """
+    broker_table: dict[str, Any] = {"url": broker.url}
+    if queue is not None:
+        broker_table["max_queued_messages"] = queue
     data = write_digits(work / "data")
     settings = load_settings(
         None,
@@ -75,7 +90,7 @@ async def federation(
         bundle=str(bundle),
         state_dir=str(work / "state"),
         rounds=rounds,
-        broker={"url": broker.url},
+        broker=broker_table,
         settle_s=0.3,
         status_interval_s=0.2,
         heartbeat_s=1.0,
@@ -101,4 +116,5 @@ async def federation(
         for document in agents:
             await stack.enter_async_context(running_agent(parse_settings(document)))
         await wait_for(lambda: service.statistics().rounds_closed >= rounds, timeout=240)
-    return Outcome(records(settings.state_dir)[:rounds])
+        statistics = service.statistics()
+    return Outcome(records(settings.state_dir)[:rounds], statistics)

@@ -26,10 +26,10 @@ from fedmq.exit_codes import CONFIG_ERROR
 from fedmq.testing.scripted_clients import ScriptedConnection
 from fedmq.timeouts import within
 from fedmq.transport.blobs import max_chunk_size
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import (
     BrokerRefusedError,
-    BrokerSettings,
     MqttSession,
     PacketTooLargeError,
     publish_packet_size,

@@ -87,6 +87,42 @@ async def test_the_agent_resends_only_what_was_asked_for(
     assert stats.uploads == 2
 
 
+async def test_a_paced_agent_sends_chunk_zero_and_the_rest_when_granted(
+    broker: MosquittoBroker, make_settings_agent: Callable[..., AgentSettings]
+) -> None:
+    settings = make_settings_agent(broker.url)
+    aggregator = ScriptedAggregator(broker.url, settings.federation, hold_acks=True)
+    async with aggregator.running():
+        bundle, params, _ = await aggregator.publish_model()
+        async with running_agent(settings) as agent:
+            await aggregator.announce(1, bundle, params, chunk_size=1024, upload_slots=2)
+            await eventually(lambda: agent.statistics().uploads == 1, what="the first send")
+            await eventually(lambda: bool(aggregator.chunk_headers), what="chunk 0")
+            header = aggregator.chunk_headers[0]
+            assert header.index == 0
+            count = header.blob.count
+            assert count > 3
+            grant = ResendRequest(
+                federation=settings.federation,
+                client=settings.client_id,
+                round=1,
+                update_id=header.update_id or "",
+                sha256=header.blob.sha256,
+                chunk_size=header.blob.chunk_size,
+                missing=list(range(1, count)),
+                ts=time.time(),
+            )
+            await aggregator.session.publish(
+                aggregator.topics.ack(settings.client_id), encode_control(grant)
+            )
+            await eventually(lambda: agent.statistics().uploads == 2, what="the granted send")
+            await eventually(
+                lambda: len(aggregator.chunk_headers) >= count, what="the granted chunks"
+            )
+    indices = [h.index for h in aggregator.chunk_headers]
+    assert sorted(indices) == list(range(count))  # each chunk once: chunk 0, then the rest
+
+
 async def test_uploads_wait_for_the_aggregator_and_resume_when_it_is_back(
     make_broker: Callable[..., MosquittoBroker],
     make_settings_agent: Callable[..., AgentSettings],

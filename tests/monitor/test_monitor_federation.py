@@ -46,7 +46,7 @@ from fedmq.monitor.state import MonitorState
 from fedmq.monitor.view import render
 from fedmq.testing.scripted_clients import ScriptedConnection
 from fedmq.timeouts import within
-from fedmq.transport.mqtt import BrokerSettings
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.wire.control import AgentStatus, AggregatorStatus, RoundAnnouncement, decode_control
 
 pytestmark = [pytest.mark.broker]

@@ -21,7 +21,7 @@ from edge_agent.config import load_settings as load_agent_settings
 from fedmq.aggregator.config import load_settings
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.testing.scripted_clients import ScriptedConnection
-from fedmq.transport.mqtt import BrokerSettings
+from fedmq.transport.broker_settings import BrokerSettings
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 

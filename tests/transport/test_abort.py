@@ -9,8 +9,9 @@ import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.timeouts import within
+from fedmq.transport.broker_settings import BrokerSettings, LastWill
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, LastWill, MqttSession
+from fedmq.transport.mqtt import MqttSession
 
 pytestmark = [pytest.mark.broker]
 

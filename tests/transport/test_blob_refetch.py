@@ -10,9 +10,11 @@ import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import IntegrityError
-from fedmq.transport.blobs import BlobReceiver, publish_blob
+from fedmq.transport.blob_receiver import BlobReceiver
+from fedmq.transport.blobs import publish_blob
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import BlobAssembler, BlobRef, blob_ref
 from fedmq.wire.chunks import ChunkHeader, encode_chunk
 from fedmq.wire.limits import DecodeLimits, KiB

@@ -11,9 +11,11 @@ import pytest
 
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.timeouts import within
-from fedmq.transport.blobs import BlobReceiver, clear_blob, publish_blob
+from fedmq.transport.blob_receiver import BlobReceiver
+from fedmq.transport.blobs import clear_blob, publish_blob
+from fedmq.transport.broker_settings import BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.blobs import blob_ref
 from fedmq.wire.limits import KiB, MiB
 from fedmq.wire.topics import BlobChunkTopic, Topics
@@ -107,3 +109,29 @@ async def test_oversized_chunk_is_refused_by_a_capped_broker(
             await within(publish_blob(publisher, topics, data, ref, sender="agg", round_id=0), 3)
         with pytest.raises(Exception, match="incomplete"):
             await receiver.fetch(ref, timeout=2)
+
+
+async def test_a_download_through_a_small_queue_asks_for_the_dropped_chunks_one_by_one(
+    make_broker: Callable[..., MosquittoBroker], federation: str
+) -> None:
+    # Subscribing to all 60 retained chunks at once overflows a 10-message queue: the
+    # broker drops the same ones on every resubscribe to the whole blob.
+    broker = make_broker(max_queued_messages=10, max_inflight_messages=2)
+    topics = Topics(federation)
+    data = os.urandom(60 * KiB)
+    ref = blob_ref(data, KiB)
+    publisher = MqttSession(BrokerSettings(broker.url, f"{federation}-pub"))
+    async with running(publisher):
+        await publish_blob(publisher, topics, data, ref, sender="aggregator", round_id=1)
+    subscriber = MqttSession(BrokerSettings(broker.url, f"{federation}-sub"))
+    receiver = BlobReceiver(subscriber, topics, stall_s=0.3)
+
+    async def handle(message: Message) -> None:
+        parsed = topics.parse(message.topic)
+        assert isinstance(parsed, BlobChunkTopic)
+        await receiver.feed(message, parsed)
+
+    async with running(subscriber, handle):
+        blob = await receiver.fetch(ref, timeout=60)
+    assert bytes(blob) == data
+    assert receiver.stalls == 1  # the broker did drop chunks, and one switch recovered them

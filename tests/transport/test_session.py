@@ -14,8 +14,9 @@ from fedmq.backoff import Backoff
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.errors import ConfigError, TransportError
 from fedmq.timeouts import within
+from fedmq.transport.broker_settings import BrokerAddress, BrokerSettings
 from fedmq.transport.message import Message
-from fedmq.transport.mqtt import BrokerAddress, BrokerSettings, MqttSession
+from fedmq.transport.mqtt import MqttSession
 
 pytestmark = [pytest.mark.broker]
 

@@ -47,6 +47,8 @@ announcements = st.builds(
     ),
     codec=st.sampled_from(["raw", "fp16", "int8:64", "topk:0.1"]),
     selected=st.none() | st.lists(ids, max_size=5),
+    upload_slots=st.none() | st.integers(1, 100),
+    task=st.sampled_from(["train", "evaluate"]),
 )
 acks = st.builds(
     Ack,
@@ -161,3 +163,24 @@ def test_round_addressing() -> None:
     assert selective.addresses("d1")
     assert not selective.addresses("d2")
     assert not RoundAnnouncement(**base, status="finished").addresses("d1")  # type: ignore[arg-type]
+
+
+# The announcement fields of fedmq 0.x agents before upload pacing, evaluate-only rounds
+# and model releases: they refuse any other field.
+FIRST_ANNOUNCEMENT_FIELDS = {
+    "v", "signature", "type", "federation", "aggregator", "round", "status", "mode",
+    "issued_at", "deadline", "bundle", "params", "training", "codec", "chunk_size",
+    "selected",
+}  # fmt: skip
+
+
+@given(announcements)
+def test_an_announcement_using_no_later_field_carries_none_of_them(
+    message: RoundAnnouncement,
+) -> None:
+    plain = message.model_copy(update={"upload_slots": None, "task": "train", "models": None})
+    document = json.loads(encode_control(plain))
+    assert set(document) <= FIRST_ANNOUNCEMENT_FIELDS  # older agents still read it
+    assert decode_control(json.dumps(document).encode(), RoundAnnouncement) == plain
+    paced = json.loads(encode_control(message.model_copy(update={"upload_slots": 3})))
+    assert paced["upload_slots"] == 3
