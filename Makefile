@@ -22,8 +22,8 @@ lint: $(VENV)/.installed-$(TEST_EXTRAS)
 typecheck: $(VENV)/.installed-$(TEST_EXTRAS)
 	$(BIN)/mypy
 
-# Two workers (one per core here; more where there are more cores), the compile tests
-# kept together on one of them (tests/compile/conftest.py: they share a compile cache).
+# Two workers (one per core here; more where there are more cores); every test of one
+# compiled model stays on one worker (tests/compile/conftest.py: they share its compile).
 PYTEST_ARGS ?= --numprocesses=auto --dist=loadgroup --durations=15
 pytest: $(VENV)/.installed-$(TEST_EXTRAS) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)

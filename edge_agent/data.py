@@ -37,6 +37,7 @@ import numpy.typing as npt
 
 from edge_agent.config import DataConfig
 from fedmq.bundle.manifest import Manifest
+from fedmq.bundle.parameters import NPY_HEADER_LOCK
 from fedmq.errors import ConfigError, DataError
 
 EVAL_DIR = "eval"
@@ -206,7 +207,8 @@ def _check_row(number: int, line: str, names: list[str], source: str) -> None:
 def _load_npz(path: Path, config: DataConfig) -> RawData:
     try:
         # Our own handle: np.load leaks the file it opened when the zip is corrupt.
-        with open(path, "rb") as handle:
+        # NPY_HEADER_LOCK: np.load parses .npy headers, not thread-safe on 3.11.
+        with open(path, "rb") as handle, NPY_HEADER_LOCK:
             loaded = np.load(handle, allow_pickle=False)
             if not isinstance(loaded, np.lib.npyio.NpzFile):
                 raise DataError(f"{path}: a single .npy array, not an .npz archive of x and y")

@@ -4,7 +4,10 @@
 - :mod:`~fedmq.aggregator.store`: the crash-safe state directory, whose checkpoints
   :mod:`~fedmq.aggregator.retention` prunes.
 - :mod:`~fedmq.aggregator.service`: MQTT session, action execution, shutdown;
-  :mod:`~fedmq.aggregator.supervision`: its systemd notifications.
+  :mod:`~fedmq.aggregator.supervision`: its systemd notifications;
+  :mod:`~fedmq.aggregator.feed`, :mod:`~fedmq.aggregator.loops`,
+  :mod:`~fedmq.aggregator.model_builder`, :mod:`~fedmq.aggregator.broker_session`: the
+  parts it runs.
 - :mod:`~fedmq.aggregator.export`: a round's model as an ONNX file.
 """
 

@@ -12,6 +12,10 @@ The service owns the IO the coordinator asks for and nothing else::
         RoundClosed/UpdateRejected/Noted/…                counted, logged, measured (reporting)
 
 At start the coordinator comes from the state directory (:mod:`~fedmq.aggregator.recovery`).
+Every task reaches the coordinator through one :class:`~fedmq.aggregator.feed.Feed`;
+the session is set up by :mod:`~fedmq.aggregator.broker_session`, the background loops
+are in :mod:`~fedmq.aggregator.loops` and model builds in
+:mod:`~fedmq.aggregator.model_builder`.
 
 Durable actions run while the lock is held, so the disk never lags behind a later
 decision; network actions are queued, so a broker outage never blocks the state
@@ -30,13 +34,14 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from types import MappingProxyType
 from typing import Any
 
+from fedmq.aggregator.broker_session import broker_chunk_size, open_session
 from fedmq.aggregator.config import AggregatorSettings
-from fedmq.aggregator.delivery import ModelBuildError, ModelDelivery
-from fedmq.aggregator.devices import REFRESH_INTERVAL, DeviceRegistry
-from fedmq.aggregator.memory import trim_heap
+from fedmq.aggregator.devices import DeviceRegistry
+from fedmq.aggregator.feed import Feed, InFlight
+from fedmq.aggregator.loops import WakeupTimer, commit_loop, registry_loop, status_loop
+from fedmq.aggregator.model_builder import ModelBuilder
 from fedmq.aggregator.outbound import Outbound
 from fedmq.aggregator.recovery import load_coordinator
 from fedmq.aggregator.reporting import Reporter
@@ -66,28 +71,20 @@ from fedmq.coordinator.actions import (
     VerifyUpdate,
 )
 from fedmq.coordinator.coordinator import Coordinator
-from fedmq.coordinator.validation import (
-    UpdateSchema,
-    verify_assembled,
-)
+from fedmq.coordinator.validation import UpdateSchema, verify_assembled
 from fedmq.errors import ConfigError, DecodeError, InvalidTopicError, StateError, TransportError
 from fedmq.strategies.config import build_strategy
 from fedmq.systemd import Notifier
-from fedmq.timeouts import wait_event, within
-from fedmq.transport.blobs import check_chunk_fits, fit_chunk_size
-from fedmq.transport.broker_settings import LastWill
+from fedmq.timeouts import within
 from fedmq.transport.message import Message
 from fedmq.transport.mqtt import MqttSession
 from fedmq.wire.archive import pack_files
-from fedmq.wire.blobs import DEFAULT_CHUNK_SIZE
-from fedmq.wire.control import AgentStatus, AggregatorStatus, decode_control, encode_control
+from fedmq.wire.control import AgentStatus, decode_control, encode_control
 from fedmq.wire.topics import BlobChunkTopic, StatusTopic, UpdateChunkTopic
 
 log = logging.getLogger(__name__)
 
 VERIFY_WORKERS = 2  # concurrent update decodes: numpy/zstd release the GIL, 2 cores typical
-MAX_COMMIT_BATCH = 64  # updates stored per fsync batch
-MIN_TIMER_DELAY = 0.01  # seconds: floor between timer callbacks, guards against a hot loop
 OFFLINE_PUBLISH_TIMEOUT = 5.0  # seconds: the last status on shutdown is best effort
 
 
@@ -111,16 +108,17 @@ class AggregatorService:
         self._started = asyncio.Event()
         self._accepting = True
         self._broken: BaseException | None = None
-        self._wakeup: float | None = None
-        self._timer_event = asyncio.Event()
+        self._timer = WakeupTimer()
         self._status_event = asyncio.Event()
         self._outbound: Outbound | None = None
         self._commits: asyncio.Queue[Ticket] = asyncio.Queue()
-        self._inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._work = InFlight()  # what a shutdown waits for
         self._verify_slots = asyncio.Semaphore(VERIFY_WORKERS)
-        self._lock = asyncio.Lock()
+        # Every coordinator input goes through this, under one lock; it reads self.clock
+        # at each call, as the service itself does.
+        now = lambda: self.clock()  # noqa: E731, PLW0108
+        self._feed = Feed(lambda: self.coordinator, now, self._apply)
+        self._lock = self._feed.lock
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loose: set[asyncio.Task[Any]] = set()
         self._group: asyncio.TaskGroup | None = None
@@ -128,7 +126,7 @@ class AggregatorService:
         self._coordinator: Coordinator | None = None
         self._session: MqttSession | None = None
         self._replayed: list[Action] = []
-        self._delivery = ModelDelivery(settings.state_dir)  # inference models for devices
+        self._models = ModelBuilder(settings.state_dir, self._feed, self._work)  # for devices
 
     # ------------------------------------------------------------------ accessors
 
@@ -153,24 +151,9 @@ class AggregatorService:
 
     def statistics(self) -> AggregatorStatistics:
         """A frozen snapshot of the service's counters."""
-        coordinator = self._coordinator
-        counters = self._reporter.counters
-        prefix = "rejected."
-        return AggregatorStatistics(
-            phase=coordinator.phase if coordinator is not None else None,
-            round=coordinator.round if coordinator is not None else None,
-            connections=self._session.connections if self._session is not None else 0,
-            updates_accepted=counters["accepted"],
-            rejected=MappingProxyType(
-                {k[len(prefix) :]: v for k, v in counters.items() if k.startswith(prefix)}
-            ),
-            rounds_closed=counters["rounds.closed"],
-            rounds_failed=counters["rounds.failed"],
-            finished=self.finished,
-            bytes_in=coordinator.report.total.bytes_in if coordinator is not None else 0,
-            bytes_out=coordinator.report.total.bytes_out if coordinator is not None else 0,
-            upload_grants=coordinator.intake.grants if coordinator is not None else 0,
-            resend_requests=coordinator.intake.resends if coordinator is not None else 0,
+        connections = self._session.connections if self._session is not None else 0
+        return AggregatorStatistics.collect(
+            self._coordinator, self._reporter.counters, connections, finished=self.finished
         )
 
     async def wait_started(self) -> None:
@@ -222,25 +205,9 @@ class AggregatorService:
         if self._coordinator is None:
             self.prepare()
         coordinator = self.coordinator
-        topics = coordinator.topics
-        offline = AggregatorStatus(
-            aggregator=self.settings.client_id, state="offline", ts=self.clock()
-        )
-        session = MqttSession(
-            self.settings.broker_settings(),
-            subscriptions=[
-                (topics.status_filter(), 1),
-                (topics.update_filter(), 1),
-                (topics.blobs_filter(), 1),  # to repair retained chunks (BlobGuard)
-            ],
-            will=LastWill(
-                topics.aggregator_status(), encode_control(offline, coordinator.config.signer)
-            ),
-            on_connect=self._on_connect,
-            no_local=[topics.blobs_filter()],
-        )
+        session = open_session(self.settings, coordinator, self._on_connect, self.clock)
         self._session = session
-        outbound = Outbound(session, topics, self.settings.client_id)
+        outbound = Outbound(session, coordinator.topics, self.settings.client_id)
         self._outbound = outbound
         self._reporter.bind(coordinator, session, self.store)
         try:
@@ -250,13 +217,18 @@ class AggregatorService:
                 self._group = group
                 self._spawn(group, session.run(self._on_message), "receive")
                 self._spawn(group, outbound.run(), "send")
-                self._spawn(group, self._commit_loop(), "commit")
-                self._spawn(group, self._timer_loop(), "timer")
-                self._spawn(group, self._status_loop(), "status")
+                commits = commit_loop(
+                    self._commits, self.store, self._reporter, self._feed, self._work
+                )
+                self._spawn(group, commits, "commit")
+                self._spawn(group, self._timer.run(self._started, self._feed), "timer")
+                interval = self.settings.status_interval_s
+                status = status_loop(self._status_event, interval, self._queue_status)
+                self._spawn(group, status, "status")
                 self._spawn(group, self._startup(), "startup")
                 if self.settings.security is not None:
                     registry = DeviceRegistry(self.settings.security.devices)
-                    self._spawn(group, self._registry_loop(registry), "registry")
+                    self._spawn(group, registry_loop(registry, self._feed), "registry")
                 await self._stop.wait()
                 await self._shutdown()
                 for task in [*self._tasks, *self._loose]:
@@ -295,9 +267,7 @@ class AggregatorService:
             if not await self._fit_chunks(session):
                 return
             # The released inference models' bytes, before start() publishes them again.
-            missing = self.coordinator.models.missing()
-            stored = await asyncio.to_thread(self._delivery.stored, missing)
-            self.coordinator.provide_models(stored)
+            await self._models.restore(self.coordinator)
             actions = [*self._replayed, *self.coordinator.start(self.clock())]
             self._replayed = []
             await self._apply(actions)
@@ -307,15 +277,14 @@ class AggregatorService:
         """Chunk to fit the broker's packet cap; False (and stopping) if the config cannot."""
         cap, topics = session.max_packet_size, self.coordinator.topics
         try:
-            if self.settings.chunk_size != "auto":
-                check_chunk_fits(self.settings.chunk_size, cap, topics, "stated by the broker")
-                return True
-            size = fit_chunk_size(DEFAULT_CHUNK_SIZE, cap, topics)
+            size = broker_chunk_size(self.settings.chunk_size, cap, topics)
         except ConfigError as exc:
             log.critical("%s; stopping", exc)
             self._fatal = exc
             self._stop.set()
             return False
+        if size is None:
+            return True  # the configured chunk size fits
         now, started = self.clock(), self._started.is_set()
         await self._apply(self.coordinator.set_chunk_size(size, now, announce=started))
         return True
@@ -323,13 +292,13 @@ class AggregatorService:
     async def _shutdown(self) -> None:
         grace = self.settings.shutdown_grace_s
         self._accepting = False
-        log.info("stopping: no new updates; finishing %d in flight", self._inflight)
+        log.info("stopping: no new updates; finishing %d in flight", self._work.count)
         try:
-            await within(self._idle.wait(), grace)
+            await within(self._work.idle.wait(), grace)
         except TimeoutError:
             log.warning(
                 "%d updates still in flight after %g s; they are not acked and will be re-sent",
-                self._inflight,
+                self._work.count,
                 grace,
             )
         with contextlib.suppress(TimeoutError):
@@ -356,8 +325,7 @@ class AggregatorService:
             self._background(self._republish(), "republish")
 
     async def _republish(self) -> None:
-        async with self._lock:
-            await self._apply(self.coordinator.republish(self.clock()))
+        await self._feed(lambda coordinator, now: coordinator.republish(now))
 
     async def _on_message(self, message: Message) -> None:
         if not self._started.is_set():
@@ -428,18 +396,16 @@ class AggregatorService:
             case Publish() | PublishBlob() | ClearBlob():
                 self._out().put(action)
             case BuildInferenceModel():
-                self._begin_work()  # a shutdown waits for it (the final model, too)
-                self._delivery.asked(action)
-                self._background(self._build_model(action), "model")
+                self._models.asked(action)
+                self._background(self._models.build(action), "model")
             case VerifyUpdate():
-                self._begin_work()
+                self._work.begin()
                 self._background(self._verify(action), "verify")
             case PersistUpdate():
-                self._begin_work()
+                self._work.begin()
                 self._commits.put_nowait(action.ticket)
             case ArmTimer():
-                self._wakeup = action.at
-                self._timer_event.set()
+                self._timer.arm(action.at)
             case StatusChanged():
                 self._status_event.set()
                 self._reporter.status_changed()
@@ -458,42 +424,9 @@ class AggregatorService:
             raise StateError("the service is not running")
         return self._outbound
 
-    def _begin_work(self) -> None:
-        self._inflight += 1
-        self._idle.clear()
-
-    def _end_work(self, count: int = 1) -> None:
-        self._inflight -= count
-        if self._inflight == 0:
-            self._idle.set()
-
     async def _stop_when_sent(self) -> None:
         await self._out().wait_sent()
         self.request_stop()
-
-    async def _build_model(self, action: BuildInferenceModel) -> None:
-        try:
-            try:
-                model = await self._delivery.build(action)
-            except (ModelBuildError, OSError) as exc:
-                if isinstance(exc, OSError) or self._delivery.failed(exc):
-                    async with self._lock:
-                        failed = self.coordinator.inference_model_failed(
-                            action.checkpoint, str(exc), self.clock()
-                        )
-                        await self._apply(failed)
-                return
-            if model is None:
-                return  # overtaken by a newer checkpoint's model
-            async with self._lock:
-                now = self.clock()
-                await self._apply(
-                    self.coordinator.set_inference_model(action.checkpoint, model, now)
-                )
-                held = [m.ref.sha256 for m in self.coordinator.models.held()]
-            await asyncio.to_thread(self._delivery.prune, held)
-        finally:
-            self._end_work()
 
     async def _verify(self, action: VerifyUpdate) -> None:
         try:
@@ -502,70 +435,11 @@ class AggregatorService:
                 result = await asyncio.to_thread(
                     verify_assembled, action.key, action.assembler, schema
                 )
-            async with self._lock:
-                await self._apply(self.coordinator.verified(result, self.clock()))
+            await self._feed(lambda coordinator, now: coordinator.verified(result, now))
         finally:
-            self._end_work()
+            self._work.end()
 
-    # ------------------------------------------------------------------ loops
-
-    async def _commit_loop(self) -> None:
-        store = self.store
-        while True:
-            batch = [await self._commits.get()]
-            while len(batch) < MAX_COMMIT_BATCH and not self._commits.empty():
-                batch.append(self._commits.get_nowait())
-            error: str | None = None
-            try:
-                await self._reporter.persist("updates", store.persist_updates, batch)
-            except OSError as exc:
-                error = str(exc)
-            async with self._lock:
-                for ticket in batch:
-                    now = self.clock()
-                    if error is None:
-                        with self._reporter.folding():
-                            actions = self.coordinator.persisted(ticket, now)
-                        self._reporter.accepted(ticket)
-                        await self._apply(actions)
-                    else:
-                        await self._apply(self.coordinator.persist_failed(ticket, error, now))
-            for _ in batch:
-                self._commits.task_done()
-            self._end_work(len(batch))
-            if self._inflight == 0:
-                # A burst has drained: hand its model-sized buffers back to the OS so RSS
-                # follows the live state, not the burst (not during it: re-faulting the
-                # pages of every buffer would cost the intake CPU).
-                await asyncio.to_thread(trim_heap)
-
-    async def _timer_loop(self) -> None:
-        while True:
-            self._timer_event.clear()
-            at = self._wakeup
-            delay = None if at is None else max(MIN_TIMER_DELAY, at - self.clock())
-            if await wait_event(self._timer_event, delay):
-                continue  # re-armed: recompute
-            if not self._started.is_set():
-                continue
-            async with self._lock:
-                await self._apply(self.coordinator.on_timer(self.clock()))
-
-    async def _status_loop(self) -> None:
-        while True:
-            await self._status_event.wait()
-            self._status_event.clear()
-            self._queue_status()
-            await asyncio.sleep(self.settings.status_interval_s)
-
-    async def _registry_loop(self, registry: DeviceRegistry) -> None:
-        registry.load()
-        while True:
-            await asyncio.sleep(REFRESH_INTERVAL)
-            devices = await asyncio.to_thread(registry.refresh)
-            if devices is not None:
-                async with self._lock:
-                    await self._apply(self.coordinator.set_devices(devices, self.clock()))
+    # ------------------------------------------------------------------ status
 
     def _queue_status(self) -> None:
         # Once stopping, the offline status must be the last one published.

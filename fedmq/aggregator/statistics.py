@@ -1,11 +1,19 @@
-"""What ``AggregatorService.statistics()`` returns: a frozen snapshot of its counters."""
+"""What ``AggregatorService.statistics()`` returns: a frozen snapshot of its counters.
+
+:meth:`AggregatorStatistics.collect` gathers it from the coordinator and the reporter's
+counters, so the service only says where they are.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
+from fedmq.coordinator.coordinator import Coordinator
 from fedmq.coordinator.lifecycle import Phase
+
+REJECTED = "rejected."  # the prefix of the reporter's rejection counters
 
 
 @dataclass(frozen=True)
@@ -40,3 +48,30 @@ class AggregatorStatistics:
     bytes_out: int = 0
     upload_grants: int = 0
     resend_requests: int = 0
+
+    @classmethod
+    def collect(
+        cls,
+        coordinator: Coordinator | None,
+        counters: Mapping[str, int],
+        connections: int,
+        *,
+        finished: bool,
+    ) -> AggregatorStatistics:
+        """The statistics now (``coordinator`` None: the state is not loaded yet)."""
+        return cls(
+            phase=coordinator.phase if coordinator is not None else None,
+            round=coordinator.round if coordinator is not None else None,
+            connections=connections,
+            updates_accepted=counters["accepted"],
+            rejected=MappingProxyType(
+                {k[len(REJECTED) :]: v for k, v in counters.items() if k.startswith(REJECTED)}
+            ),
+            rounds_closed=counters["rounds.closed"],
+            rounds_failed=counters["rounds.failed"],
+            finished=finished,
+            bytes_in=coordinator.report.total.bytes_in if coordinator is not None else 0,
+            bytes_out=coordinator.report.total.bytes_out if coordinator is not None else 0,
+            upload_grants=coordinator.intake.grants if coordinator is not None else 0,
+            resend_requests=coordinator.intake.resends if coordinator is not None else 0,
+        )

@@ -9,6 +9,7 @@ cannot make the device allocate more than the manifest declares, and never unpic
 from __future__ import annotations
 
 import io
+import threading
 import zipfile
 from collections.abc import Mapping
 
@@ -20,6 +21,12 @@ from fedmq.errors import BundleError
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # earliest time a zip entry can carry
 _HEADER_LIMIT = 65_536  # bytes: numpy's own limit for an .npy header
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's AST constructor
+# keeps its recursion depth in state shared by threads: two threads parsing at once can
+# fail with "SystemError: AST constructor recursion depth mismatch" (seen with several
+# agents of one process loading their bundles together).  Hold this lock around every
+# .npy header read that may run beside another (the agent's data loading uses it too).
+NPY_HEADER_LOCK = threading.Lock()
 _DTYPES: dict[str, np.dtype[np.generic]] = {
     "float32": np.dtype("<f4"),
     "int64": np.dtype("<i8"),
@@ -86,12 +93,13 @@ def read_parameters(data: bytes, manifest: Manifest) -> dict[str, npt.NDArray[np
                     )
                 with archive.open(member) as stream:
                     version = np.lib.format.read_magic(stream)
-                    if version == (1, 0):
-                        header = np.lib.format.read_array_header_1_0(stream)
-                    elif version == (2, 0):
-                        header = np.lib.format.read_array_header_2_0(stream)
-                    else:
-                        raise BundleError(f"parameters.npz member {name!r}: npy {version}")
+                    with NPY_HEADER_LOCK:
+                        if version == (1, 0):
+                            header = np.lib.format.read_array_header_1_0(stream)
+                        elif version == (2, 0):
+                            header = np.lib.format.read_array_header_2_0(stream)
+                        else:
+                            raise BundleError(f"parameters.npz member {name!r}: npy {version}")
                     shape, fortran_order, stored_dtype = header
                     if tuple(shape) != spec.shape or stored_dtype != dtype or fortran_order:
                         raise BundleError(

@@ -8,7 +8,8 @@ the production ACL nobody else can write blob topics at all; this is the repair 
 brokers that cannot enforce that, and for chunks a broker lost.
 
 Repairs of one chunk are spaced by ``REPAIR_INTERVAL`` so a client rewriting a chunk in
-a loop cannot make the aggregator publish in a loop with it.
+a loop cannot make the aggregator publish in a loop with it.  :meth:`BlobGuard.repair`
+is what the coordinator returns for a chunk seen: the republish and a warning saying why.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedmq.buffers import Buffer
-from fedmq.coordinator.actions import PublishBlob
+from fedmq.coordinator.actions import Action, Noted, PublishBlob
 from fedmq.coordinator.ledger import BlobLedger
 from fedmq.errors import DecodeError, IntegrityError
 from fedmq.wire.chunks import decode_chunk
@@ -44,6 +45,21 @@ class BlobGuard:
         self.aggregator_id = aggregator_id
         self.repairs = 0
         self._last: dict[tuple[str, int], float] = {}
+
+    def repair(
+        self, topic: BlobChunkTopic, payload: Buffer, ledger: BlobLedger, round_id: int, now: float
+    ) -> list[Action]:
+        """The actions for a chunk seen on ``topic``: none, or a warning and the republish."""
+        repair = self.check(topic, payload, ledger, round_id, now)
+        if repair is None:
+            return []
+        return [
+            Noted(
+                "warning",
+                f"blob chunk {topic.sha256[:12]}…/{topic.index} {repair.reason}: republishing it",
+            ),
+            repair.action,
+        ]
 
     def check(
         self, topic: BlobChunkTopic, payload: Buffer, ledger: BlobLedger, round_id: int, now: float

@@ -14,7 +14,9 @@ the next round, or ``finished``); when a round opens and closes is decided by th
 mode's rules (:mod:`~fedmq.coordinator.rules`).  Both share one
 :class:`~fedmq.coordinator.state.FederationState`.  Every input ends in one step
 (:meth:`Coordinator._end_input`) that adds ``StatusChanged`` when the published status
-would differ and ``ArmTimer`` when the next wake-up moved earlier.
+(built by :mod:`~fedmq.coordinator.status_report`) would differ and ``ArmTimer`` when the
+next wake-up moved earlier.  The inference models the service builds go through
+:mod:`~fedmq.coordinator.release_desk`.
 
 Durability contract: the service persists what the durable commands (``SaveState``,
 ``SaveCheckpoint``, ``SaveRecord``, ``PruneUpdates``, ``PersistUpdate``) carry before
@@ -28,54 +30,42 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from fedmq.buffers import Buffer
 from fedmq.coordinator.actions import (
     Action,
     ArmTimer,
-    FederationFinished,
     Noted,
-    PersistUpdate,
     Publish,
     SaveCheckpoint,
     SaveState,
     StatusChanged,
     Ticket,
-    VerifyUpdate,
 )
 from fedmq.coordinator.admission import Ignore
 from fedmq.coordinator.blob_guard import BlobGuard
-from fedmq.coordinator.intake import Answered, Assembled, ChunkProblem, UpdateIntake, Verdict
+from fedmq.coordinator.intake import UpdateIntake
 from fedmq.coordinator.ledger import BlobLedger
 from fedmq.coordinator.lifecycle import Phase
 from fedmq.coordinator.policy import CoordinatorConfig
+from fedmq.coordinator.release_desk import ReleaseDesk
 from fedmq.coordinator.releases import ModelShelf
-from fedmq.coordinator.roster import Roster
+from fedmq.coordinator.roster import Roster, allowed_agents
 from fedmq.coordinator.round_flow import RoundFlow
 from fedmq.coordinator.rules import rules_for
-from fedmq.coordinator.screening import training_fingerprint
-from fedmq.coordinator.snapshot import Snapshot
+from fedmq.coordinator.snapshot import Checkpoint, Snapshot
 from fedmq.coordinator.state import FederationState, Params
-from fedmq.coordinator.status_report import StatusReport
+from fedmq.coordinator.status_report import StatusKey, StatusReport, build_status, status_key
 from fedmq.coordinator.update_desk import UpdateDesk
 from fedmq.coordinator.validation import UpdateRejection, UpdateSchema, VerifiedUpdate
-from fedmq.errors import ConfigError, DecodeError, StateError
+from fedmq.errors import ConfigError, StateError
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.blobs import BlobRef
-from fedmq.wire.control import (
-    MAX_MISSING_LISTED,
-    AgentStatus,
-    AggregatorStatus,
-    FederatedEvaluation,
-    encode_control,
-)
+from fedmq.wire.control import AgentStatus, AggregatorStatus, encode_control
 from fedmq.wire.signing import VerifyKey
-from fedmq.wire.tensors import decode_tensors, encode_tensors
+from fedmq.wire.tensors import encode_tensors
 from fedmq.wire.topics import BlobChunkTopic, Topics, UpdateChunkTopic
-
-StatusKey = tuple[Phase, int, float, int, int, int]
 
 
 class Coordinator:
@@ -119,7 +109,7 @@ class Coordinator:
         self.roster = Roster(
             config.heartbeat_s,
             config.missed_heartbeats,
-            _allowed(config.agents, devices),
+            allowed_agents(config.agents, devices),
             config.dropout_grace_s,
             max_agents=config.max_agents,
         )
@@ -148,6 +138,7 @@ class Coordinator:
         )
         self.blob_guard = BlobGuard(config.aggregator_id)
         self.desk = UpdateDesk(config, self.topics, self.roster, strategy, self.state, self.flow)
+        self.releases = ReleaseDesk(config, self.state, self.flow)  # the inference models
         self.report = StatusReport()  # traffic, last round, recent refusals (for the status)
         self._restored = False
         self._reported: StatusKey | None = None  # status last announced by StatusChanged
@@ -190,32 +181,11 @@ class Coordinator:
             StateError: the snapshot or checkpoint is corrupt or inconsistent.
         """
         snap = Snapshot.from_json(snapshot)
-        try:
-            params = decode_tensors(params_blob)
-            optimizer_state = decode_tensors(optimizer_blob)
-        except DecodeError as exc:
-            raise StateError(f"checkpoint does not decode: {exc}") from exc
-        self = cls(config, strategy, schema, bundle, params, now=now)
-        snap.check_belongs(config.federation, self.bundle_ref, config.mode)
-        target = config.target_metric
-        reached = target is not None and target.reached(dict(snap.metrics))
-        resumed = snap.under_rounds(config.rounds, target_reached=reached)
-        self.state.load(resumed)
-        if resumed is not snap:  # continued: its next round publishes the blobs again
-            self.state.blobs.record_referenced()
-        if snap.norms_training != training_fingerprint(config.training):
-            self.state.norms = []  # norms under another [training] table are no reference
-        try:
-            strategy.load_state_dict(
-                {name: np.asarray(value, np.float32) for name, value in optimizer_state.items()}
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"state snapshot is inconsistent: {exc!r}") from exc
-        if self.params_ref.sha256 != snap.params.sha256:
-            raise StateError(
-                "checkpoint does not match the snapshot's parameters: the state directory "
-                "was modified or partially restored"
-            )
+        stored = Checkpoint.decode(params_blob, optimizer_blob)
+        self = cls(config, strategy, schema, bundle, stored.params, now=now)
+        self.state.resume(snap, config)
+        stored.load_optimizer(strategy)
+        snap.check_params(self.params_ref)
         if self.state.round.phase != "finished":
             strategy.begin_round(self.state.round.number, schema.layout)
         self._restored = True
@@ -304,20 +274,9 @@ class Coordinator:
         if not self._restored:
             actions.append(SaveCheckpoint(0, self.params_blob, self.flow.encode_optimizer()))
             actions.append(SaveState(self.snapshot()))
-        actions.extend(self._start_models())  # before the blobs: the models are among them
+        actions.extend(self.releases.start())  # before the blobs: the models are among them
         actions.extend(self.state.blobs.publish(self.round))
-        if self.state.round.phase != "waiting":
-            actions.append(self.flow.announcement_action(now))
-        actions.extend(self.flow.clear_unreferenced())
-        if self.state.round.phase == "waiting":
-            actions.extend(self.flow.try_open(now))
-            if self.state.round.phase == "waiting":
-                # Replaces whatever announcement a previous run left retained.
-                actions.append(self.flow.announcement_action(now))
-        elif self.state.round.phase == "collecting":
-            actions.extend(self.flow.maybe_close(now))
-        else:
-            actions.append(FederationFinished(self.state.finish_reason or "finished"))
+        actions.extend(self.flow.resume(now))  # announce, then open, continue or finish
         return self._end_input(actions, now, rearm=True)
 
     def republish(self, now: float) -> list[Action]:
@@ -341,7 +300,7 @@ class Coordinator:
         if self.config.security is None:
             raise ConfigError("this federation has no device registry ([security] devices)")
         self.intake.devices = dict(devices)
-        self.roster.set_allowed(_allowed(self.config.agents, devices))
+        self.roster.set_allowed(allowed_agents(self.config.agents, devices))
         actions: list[Action] = [Noted("info", f"device registry: {len(devices)} devices")]
         if self.state.round.phase == "collecting":
             actions.extend(self.flow.maybe_close(now))
@@ -360,18 +319,9 @@ class Coordinator:
                 self.flow.declined(client, status.round, status.declined, now), now
             )
         elif not self.roster.update(status, now):
-            ignored = self.roster.ignored
-            if ignored & (ignored - 1):  # log the 1st, 2nd, 4th, 8th...: a flood stays quiet
-                return []
-            allowed = self.roster.allowed
-            why = (
-                "not on the agents list or device registry"
-                if allowed is not None and client not in allowed
-                else f"roster full at max_agents = {self.config.max_agents}"
-            )
-            return [
-                Noted("info", f"ignoring status of {client!r} ({why}; {ignored} ignored so far)")
-            ]
+            # Ignored: nothing changed, so no end-of-input step.
+            note = self.roster.ignored_note(client)
+            return [] if note is None else [Noted("info", note)]
         return self._end_input(self.flow.apply_rules(now), now)
 
     def set_chunk_size(self, chunk_size: int, now: float, *, announce: bool) -> list[Action]:
@@ -392,18 +342,9 @@ class Coordinator:
 
     def on_blob_chunk(self, topic: BlobChunkTopic, payload: Buffer, now: float) -> list[Action]:
         """A retained blob chunk was (re)published: repair it if it is not ours."""
-        repair = self.blob_guard.check(
+        return self.blob_guard.repair(
             topic, payload, self.state.blobs, self.state.round.number, now
         )
-        if repair is None:
-            return []
-        return [
-            Noted(
-                "warning",
-                f"blob chunk {topic.sha256[:12]}…/{topic.index} {repair.reason}: republishing it",
-            ),
-            repair.action,
-        ]
 
     def receive_chunk(self, topic: UpdateChunkTopic, payload: Buffer, now: float) -> list[Action]:
         """One message arrived on ``update/<client>/<round>/<i>``."""
@@ -421,36 +362,15 @@ class Coordinator:
             ):
                 return []
             return self._end_input([], now)
-        actions: list[Action]
-        if isinstance(event, ChunkProblem):
-            actions = self.desk.chunk_problem(event)
-        elif isinstance(event, Answered):
-            actions = self.desk.answer(event.key, event.verdict, now)
-        else:
-            assert isinstance(event, Assembled)
-            actions = [VerifyUpdate(event.key, event.assembler)]
-        return self._end_input(actions, now)
+        return self._end_input(self.desk.settle(event, now), now)
 
     def verified(self, result: VerifiedUpdate | UpdateRejection, now: float) -> list[Action]:
         """The outcome of a ``VerifyUpdate``: decide whether the update counts."""
-        if isinstance(result, UpdateRejection):
-            verdict = Verdict(False, result.reason, result.detail)
-            return self._end_input(self.desk.answer(result.key, verdict, now), now)
-        decision = self.desk.decide(result.key, result.meta.base_round, now)
-        if isinstance(decision, Ignore):
+        outcome = self.desk.verified(result, now)
+        if isinstance(outcome, Ignore):  # nothing changed: no end-of-input step
             key = result.key
-            return [Noted("info", f"update {key.update_id} of {key.client}: {decision.why}")]
-        if isinstance(decision, Verdict):
-            return self._end_input(self.desk.answer(result.key, decision, now), now)
-        misfit = self.desk.task_misfit(result, decision.staleness)  # report vs training
-        if misfit is not None:
-            return self._end_input(self.desk.answer(result.key, misfit, now), now)
-        outlier = self.desk.screened(result)  # the norm screen (fedmq.coordinator.screening)
-        if outlier is not None:
-            return self._end_input(self.desk.answer(result.key, outlier, now), now)
-        ticket = self.desk.reserve(result, decision.staleness)
-        self.state.round.reserved[(result.key.client, result.key.update_id)] = ticket
-        return self._end_input([*self.desk.notes(ticket), PersistUpdate(ticket)], now)
+            return [Noted("info", f"update {key.update_id} of {key.client}: {outcome.why}")]
+        return self._end_input(outcome, now)
 
     def persisted(self, ticket: Ticket, now: float) -> list[Action]:
         """The ticket's update is durable: fold it, ack it, maybe close the round."""
@@ -463,15 +383,7 @@ class Coordinator:
 
     def persist_failed(self, ticket: Ticket, error: str, now: float) -> list[Action]:
         """The ticket's update could not be stored: forget it unacked (the agent re-sends)."""
-        self.state.round.reserved.pop((ticket.key.client, ticket.key.update_id), None)
-        self.state.round.rejected["persist_failed"] += 1
-        actions: list[Action] = [
-            Noted(
-                "warning",
-                f"could not store update {ticket.key.update_id} of "
-                f"{ticket.key.client}: {error}; not acked, the agent re-sends",
-            )
-        ]
+        actions = self.desk.persist_failed(ticket, error)
         actions.extend(self.flow.maybe_close(now))
         return self._end_input(actions, now)
 
@@ -480,7 +392,7 @@ class Coordinator:
     @property
     def models(self) -> ModelShelf:
         """The inference models held for the devices (:mod:`~fedmq.coordinator.releases`)."""
-        return self.state.blobs.models
+        return self.releases.shelf
 
     def provide_models(self, models: Mapping[str, bytes]) -> None:
         """Give back the stored bytes of the models the snapshot names (before :meth:`start`).
@@ -488,51 +400,17 @@ class Coordinator:
         ``models`` maps sha256 to bytes; what does not match is ignored, and a released
         model whose bytes never came is no longer released (``start`` says so).
         """
-        for sha256, data in models.items():
-            self.models.provide(sha256, data)
+        self.releases.provide(models)
 
     def set_inference_model(self, checkpoint: int, model: bytes, now: float) -> list[Action]:
         """The model a ``BuildInferenceModel`` built: hold it, publish it, announce it."""
-        held = self.models.add(checkpoint, model)
-        if held is None:
-            return [Noted("info", f"inference model of checkpoint {checkpoint} not needed")]
-        note = Noted(
-            "info",
-            f"inference model of checkpoint {checkpoint}: {held.ref.size} bytes, "
-            f"sha256 {held.ref.sha256[:12]}…",
-        )
-        if not self.flow.started:
-            return [note]  # start() publishes and announces it
-        return self._end_input([note, *self.flow.announce(now)], now)
+        actions, announced = self.releases.built(checkpoint, model, now)
+        # Unneeded, or held before start() (whose own end-of-input step covers it): no step.
+        return self._end_input(actions, now) if announced else actions
 
     def inference_model_failed(self, checkpoint: int, error: str, now: float) -> list[Action]:
         """A ``BuildInferenceModel`` failed: the previous releases stay as they are."""
-        if not self.models.failed(checkpoint):
-            return []
-        return [
-            Noted(
-                "warning",
-                f"no inference model for checkpoint {checkpoint}: {error}; the devices keep "
-                "the previous release",
-            )
-        ]
-
-    def _start_models(self) -> list[Action]:
-        """At start: stop releasing models that were lost, build the current one if needed."""
-        shelf = self.models
-        if self.config.delivery is None:
-            shelf.clear()  # switched off: their retained blobs are cleared below
-            return []
-        actions: list[Action] = [
-            Noted(
-                "warning",
-                f"the inference model of checkpoint {checkpoint} is missing from the state "
-                "directory: it is no longer released",
-            )
-            for checkpoint in shelf.drop_missing()
-        ]
-        actions.extend(self.state.blobs.request_model(self.state.checkpoint))
-        return actions
+        return self.releases.failed(checkpoint, error)
 
     def replay(self, update: VerifiedUpdate, seq: int, now: float) -> list[Action]:
         """Fold an update stored before a restart (call before :meth:`start`, in seq order).
@@ -542,17 +420,8 @@ class Coordinator:
         Raises:
             StateError: no round is open, or the update cannot belong to it.
         """
-        r = self.state.round
-        if self.flow.started or r.phase == "finished":
-            raise StateError("replay() needs a restored, unfinished, not yet started round")
-        staleness = r.number - update.meta.base_round
-        if staleness < 0:
-            raise StateError(f"stored update {update.key.update_id} is from a future round")
-        if self.state.history.accepted_in(update.key.client, update.key.update_id) is not None:
-            return []  # stored twice (crash between rename and bookkeeping): count once
-        ticket = self.desk.reserve(update, staleness, seq)
         # No end-of-input step: start() follows and reports status and timer.
-        return self.desk.commit(ticket, now)
+        return self.desk.replay(update, seq, now)
 
     def on_timer(self, now: float) -> list[Action]:
         """Time passed: expire partial updates and silent agents, enforce deadlines."""
@@ -574,42 +443,7 @@ class Coordinator:
 
     def status(self, now: float) -> AggregatorStatus:
         """A snapshot for the retained ``aggregator/status`` topic."""
-        r = self.state.round
-        collecting = r.phase == "collecting"
-        missing = sorted(r.outstanding()) if collecting else []
-        report = self.report
-        return AggregatorStatus(
-            aggregator=self.config.aggregator_id,
-            state=r.phase,
-            round=r.number,
-            deadline=r.deadline if collecting else None,
-            received=len(r.contributions),
-            expected=r.target,
-            rejected=dict(r.rejected),
-            metrics=dict(self.state.last_metrics),
-            ts=now,
-            rounds=self.config.rounds,
-            opened_at=r.opened_at if collecting else None,
-            missing=missing[:MAX_MISSING_LISTED],
-            missing_count=len(missing),
-            bytes_in=report.round.bytes_in,
-            bytes_out=report.round.bytes_out,
-            last_round=report.last_round,
-            recent_rejections=report.recent_rejections,
-            task=r.task,
-            evaluation=self._last_evaluation(),
-        )
-
-    def _last_evaluation(self) -> FederatedEvaluation | None:
-        """The newest federated evaluation (after a restart: from the snapshot, no counts)."""
-        latest = self.report.last_evaluation
-        evaluations = self.state.evaluations
-        if latest is not None or not evaluations:
-            return latest
-        checkpoint = max(evaluations)
-        return FederatedEvaluation(
-            round=checkpoint + 1, checkpoint=checkpoint, metrics=evaluations[checkpoint]
-        )
+        return build_status(self.config, self.state, self.report, now)
 
     def next_wakeup(self, now: float) -> float | None:
         """When :meth:`on_timer` next has something to do."""
@@ -630,18 +464,6 @@ class Coordinator:
 
     # ------------------------------------------------------------------ end of input
 
-    def _status_key(self) -> StatusKey:
-        # Everything status() reports but the clock; metrics change only with the round.
-        r = self.state.round
-        return (
-            r.phase,
-            r.number,
-            r.deadline,
-            len(r.contributions),
-            r.target,
-            sum(r.rejected.values()),
-        )
-
     def _end_input(self, actions: list[Action], now: float, *, rearm: bool = False) -> list[Action]:
         """The one place ``StatusChanged`` and ``ArmTimer`` come from.
 
@@ -656,7 +478,7 @@ class Coordinator:
                 self.desk.resend_request(due, now) for due in self.intake.resend_due(now)
             )
         self.report.observe(actions)
-        key = self._status_key()
+        key = status_key(self.state.round)
         if key != self._reported:
             self._reported = key
             actions.append(StatusChanged())
@@ -666,13 +488,3 @@ class Coordinator:
             self._armed = wake
             actions.append(ArmTimer(wake))
         return actions
-
-
-def _allowed(
-    agents: frozenset[str] | None, devices: Mapping[str, VerifyKey] | None
-) -> frozenset[str] | None:
-    """The agents the roster knows: the allow list, narrowed to the registered devices."""
-    if devices is None:
-        return agents
-    registered = frozenset(devices)
-    return registered if agents is None else registered & agents

@@ -9,16 +9,27 @@ agent really is heartbeating.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from fedmq.wire.control import AgentState, AgentStatus
+from fedmq.wire.signing import VerifyKey
 
 DEFAULT_HEARTBEAT = 10.0  # seconds: the agents' default status refresh period
 MISSED_HEARTBEATS = 3  # periods without a status before an agent counts as gone
 # seconds an agent that said "offline" may take to come back before a round stops waiting
 # for it: a broker restart fires every agent's last will, and they reconnect within seconds.
 DROPOUT_GRACE = 5.0
+
+
+def allowed_agents(
+    agents: frozenset[str] | None, devices: Mapping[str, VerifyKey] | None
+) -> frozenset[str] | None:
+    """The agents the roster knows: the allow list, narrowed to the registered devices."""
+    if devices is None:
+        return agents
+    registered = frozenset(devices)
+    return registered if agents is None else registered & agents
 
 
 @dataclass
@@ -98,6 +109,19 @@ class Roster:
             status.client, status.state, now, heartbeat, status.round, offline_since
         )
         return True
+
+    def ignored_note(self, client: str) -> str | None:
+        """The log line for ``client``'s status just ignored (None: one of a flood, quiet)."""
+        ignored = self.ignored
+        if ignored & (ignored - 1):  # log the 1st, 2nd, 4th, 8th...: a flood stays quiet
+            return None
+        allowed = self.allowed
+        why = (
+            "not on the agents list or device registry"
+            if allowed is not None and client not in allowed
+            else f"roster full at max_agents = {self.max_agents}"
+        )
+        return f"ignoring status of {client!r} ({why}; {ignored} ignored so far)"
 
     def forget(self, client: str) -> None:
         """Drop an agent whose retained status was deleted."""

@@ -88,6 +88,27 @@ class RoundFlow:
             return self.maybe_close(now)
         return []
 
+    def resume(self, now: float) -> list[Action]:
+        """At start, after the blobs: announce the round as it was, then carry it on.
+
+        An open or finished round is announced again before anything moves; a waiting
+        one opens if it can, and is otherwise announced as waiting, which replaces
+        whatever announcement a previous run left retained.
+        """
+        actions: list[Action] = []
+        if self.state.round.phase != "waiting":
+            actions.append(self.announcement_action(now))
+        actions.extend(self.clear_unreferenced())
+        if self.state.round.phase == "waiting":
+            actions.extend(self.try_open(now))
+            if self.state.round.phase == "waiting":
+                actions.append(self.announcement_action(now))
+        elif self.state.round.phase == "collecting":
+            actions.extend(self.maybe_close(now))
+        else:
+            actions.append(FederationFinished(self.state.finish_reason or "finished"))
+        return actions
+
     def try_open(self, now: float) -> list[Action]:
         """Open the waiting round if the rules say enough agents are online."""
         r = self.state.round

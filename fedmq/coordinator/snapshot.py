@@ -23,6 +23,10 @@ snapshot loads as a training round, no early end, no evaluations.  And ``models`
 (``{"held": [...], "latest": <checkpoint>, "best": <checkpoint>}``, the released inference
 models of :mod:`~fedmq.coordinator.releases`; their bytes are files of the service):
 without it nothing is released until the next model is built.
+
+The checkpoint a snapshot names is read with :class:`Checkpoint`, and
+:meth:`Snapshot.check_params` refuses parameters that are not that checkpoint's: a
+corrupt or mismatched checkpoint fails the restore with :class:`~fedmq.errors.StateError`.
 """
 
 from __future__ import annotations
@@ -30,15 +34,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import numpy.typing as npt
+
+from fedmq.buffers import Buffer
 from fedmq.coordinator.history import History
 from fedmq.coordinator.ledger import ref_from, ref_json
 from fedmq.coordinator.lifecycle import PHASES, Phase, transition
 from fedmq.coordinator.releases import ShelfState
-from fedmq.errors import ConfigError, StateError
+from fedmq.errors import ConfigError, DecodeError, StateError
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import RoundTask
+from fedmq.wire.tensors import decode_tensors
+
+if TYPE_CHECKING:
+    from fedmq.strategies.strategy import Strategy
 
 SNAPSHOT_VERSION = 1
 
@@ -168,6 +180,18 @@ class Snapshot:
         if self.mode != mode:
             raise ConfigError(f"state directory runs in {self.mode} mode, config says {mode}")
 
+    def check_params(self, params: BlobRef) -> None:
+        """Refuse a checkpoint whose parameters are not the ones this snapshot names.
+
+        Raises:
+            StateError: the checkpoint belongs to another state (a partial restore).
+        """
+        if params.sha256 != self.params.sha256:
+            raise StateError(
+                "checkpoint does not match the snapshot's parameters: the state directory "
+                "was modified or partially restored"
+            )
+
     def under_rounds(self, rounds: int, *, target_reached: bool) -> Snapshot:
         """This snapshot under a configuration of ``rounds`` rounds (a restart may change it).
 
@@ -212,6 +236,39 @@ class Snapshot:
             task="train",  # the continued rounds train; no early end is pending
             final_round=None,
         )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The checkpoint a snapshot names, decoded: global parameters and optimizer state."""
+
+    params: dict[str, npt.NDArray[Any]]
+    optimizer: dict[str, npt.NDArray[Any]]
+
+    @classmethod
+    def decode(cls, params_blob: Buffer, optimizer_blob: Buffer) -> Checkpoint:
+        """Decode the two blobs ``SaveCheckpoint`` stored.
+
+        Raises:
+            StateError: either does not decode.
+        """
+        try:
+            return cls(decode_tensors(params_blob), decode_tensors(optimizer_blob))
+        except DecodeError as exc:
+            raise StateError(f"checkpoint does not decode: {exc}") from exc
+
+    def load_optimizer(self, strategy: Strategy) -> None:
+        """Give ``strategy`` the server optimizer state saved with the parameters.
+
+        Raises:
+            StateError: the state does not fit the strategy's optimizer.
+        """
+        try:
+            strategy.load_state_dict(
+                {name: np.asarray(value, np.float32) for name, value in self.optimizer.items()}
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StateError(f"state snapshot is inconsistent: {exc!r}") from exc
 
 
 def _evaluation(data: Mapping[str, Any]) -> dict[str, Any]:

@@ -131,3 +131,23 @@ class FederationState:
         self.norms = list(snap.norms)
         self.final_round = snap.final_round
         self.evaluations = {c: dict(m) for c, m in snap.evaluations.items()}
+
+    def resume(self, snap: Snapshot, config: CoordinatorConfig) -> None:
+        """Take over a stored snapshot under ``config`` (a restart may have changed it).
+
+        A finished federation given more ``rounds`` continues
+        (:meth:`~fedmq.coordinator.snapshot.Snapshot.under_rounds`).
+
+        Raises:
+            ConfigError: the snapshot belongs to another federation, bundle or mode, or
+                ``config.rounds`` is below the rounds it ran (or the round under way).
+        """
+        snap.check_belongs(config.federation, self.blobs.bundle_ref, config.mode)
+        target = config.target_metric
+        reached = target is not None and target.reached(dict(snap.metrics))
+        resumed = snap.under_rounds(config.rounds, target_reached=reached)
+        self.load(resumed)
+        if resumed is not snap:  # continued: its next round publishes the blobs again
+            self.blobs.record_referenced()
+        if snap.norms_training != training_fingerprint(config.training):
+            self.norms = []  # norms under another [training] table are no reference

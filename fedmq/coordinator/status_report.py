@@ -13,6 +13,10 @@ actions before it in the same list still belong to that round).
 None of it is durable: after a restart the traffic counts start from zero and the last
 round's summary appears when the next round ends (its metrics are in the snapshot, and
 so are the federated evaluations, without their device and example counts).
+
+:func:`build_status` puts the round state and the report together into the published
+``AggregatorStatus``; :func:`status_key` is what the coordinator compares to decide
+whether that status changed (beside it: a field added to the status may belong in the key).
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedmq.coordinator.actions import Action, Publish, PublishBlob, SaveRecord, UpdateRejected
+from fedmq.coordinator.lifecycle import Phase
+from fedmq.coordinator.policy import CoordinatorConfig
 from fedmq.coordinator.records import RoundRecord, evaluation_metrics
+from fedmq.coordinator.round_state import RoundState
+from fedmq.coordinator.state import FederationState
 from fedmq.wire.blobs import BlobRef
 from fedmq.wire.control import (
+    MAX_MISSING_LISTED,
     MAX_RECENT_REJECTIONS,
+    AggregatorStatus,
     FederatedEvaluation,
     RecentRejection,
     RoundSummary,
@@ -35,6 +45,8 @@ from fedmq.wire.ids import id_problem
 REASON_CHARS = 64  # RecentRejection.reason
 DETAIL_CHARS = 200  # RecentRejection.detail
 ROUND_REASON_CHARS = 128  # RoundSummary.reason
+
+StatusKey = tuple[Phase, int, float, int, int, int]
 
 
 @dataclass
@@ -123,3 +135,58 @@ class StatusReport:
                 devices=int(evaluation.get("devices", 0)),
                 examples=int(evaluation.get("examples", 0)),
             )
+
+
+def build_status(
+    config: CoordinatorConfig, state: FederationState, report: StatusReport, now: float
+) -> AggregatorStatus:
+    """A snapshot for the retained ``aggregator/status`` topic."""
+    r = state.round
+    collecting = r.phase == "collecting"
+    missing = sorted(r.outstanding()) if collecting else []
+    return AggregatorStatus(
+        aggregator=config.aggregator_id,
+        state=r.phase,
+        round=r.number,
+        deadline=r.deadline if collecting else None,
+        received=len(r.contributions),
+        expected=r.target,
+        rejected=dict(r.rejected),
+        metrics=dict(state.last_metrics),
+        ts=now,
+        rounds=config.rounds,
+        opened_at=r.opened_at if collecting else None,
+        missing=missing[:MAX_MISSING_LISTED],
+        missing_count=len(missing),
+        bytes_in=report.round.bytes_in,
+        bytes_out=report.round.bytes_out,
+        last_round=report.last_round,
+        recent_rejections=report.recent_rejections,
+        task=r.task,
+        evaluation=last_evaluation(report, state),
+    )
+
+
+def last_evaluation(report: StatusReport, state: FederationState) -> FederatedEvaluation | None:
+    """The newest federated evaluation (after a restart: from the snapshot, no counts)."""
+    latest = report.last_evaluation
+    evaluations = state.evaluations
+    if latest is not None or not evaluations:
+        return latest
+    checkpoint = max(evaluations)
+    return FederatedEvaluation(
+        round=checkpoint + 1, checkpoint=checkpoint, metrics=evaluations[checkpoint]
+    )
+
+
+def status_key(r: RoundState) -> StatusKey:
+    """What ``StatusChanged`` compares: the round state :func:`build_status` reports."""
+    # Everything the status reports but the clock; metrics change only with the round.
+    return (
+        r.phase,
+        r.number,
+        r.deadline,
+        len(r.contributions),
+        r.target,
+        sum(r.rejected.values()),
+    )

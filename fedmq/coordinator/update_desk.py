@@ -7,15 +7,27 @@ screen of :mod:`~fedmq.coordinator.screening`), folds accepted updates into the 
 once durable (weighted by their capped example count, clipped in ``clip`` mode), and
 writes every ack.  A rejection of an agent the round is waiting for lets the round flow
 re-check whether it can close.
+
+The coordinator's update inputs (``receive_chunk``, ``verified``, ``persisted``,
+``persist_failed``, ``replay``) hand their work to this desk and keep only the
+end-of-input step, which the desk knows nothing of.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from fedmq.coordinator.actions import Action, Noted, Publish, Ticket, UpdateRejected
+from fedmq.coordinator.actions import (
+    Action,
+    Noted,
+    PersistUpdate,
+    Publish,
+    Ticket,
+    UpdateRejected,
+    VerifyUpdate,
+)
 from fedmq.coordinator.admission import Ignore, decide
-from fedmq.coordinator.intake import ChunkProblem, ResendDue, Verdict
+from fedmq.coordinator.intake import Answered, ChunkProblem, IntakeEvent, ResendDue, Verdict
 from fedmq.coordinator.policy import CoordinatorConfig
 from fedmq.coordinator.records import Contribution
 from fedmq.coordinator.roster import Roster
@@ -24,7 +36,8 @@ from fedmq.coordinator.rules import Accept
 from fedmq.coordinator.screening import NormBound, NormScreen
 from fedmq.coordinator.staleness import staleness_weight
 from fedmq.coordinator.state import FederationState
-from fedmq.coordinator.validation import UpdateKey, VerifiedUpdate
+from fedmq.coordinator.validation import UpdateKey, UpdateRejection, VerifiedUpdate
+from fedmq.errors import StateError
 from fedmq.strategies.layout import TensorMap
 from fedmq.strategies.strategy import Strategy
 from fedmq.wire.chunks import ChunkHeader
@@ -108,6 +121,64 @@ class UpdateDesk:
                 r.answered.add(key.client)
                 actions.extend(self.flow.maybe_close(now))
         return actions
+
+    def settle(self, event: IntakeEvent, now: float) -> list[Action]:
+        """What the intake's event means: a refusal, an early verdict, or a verify job."""
+        if isinstance(event, ChunkProblem):
+            return self.chunk_problem(event)
+        if isinstance(event, Answered):
+            return self.answer(event.key, event.verdict, now)
+        return [VerifyUpdate(event.key, event.assembler)]
+
+    def verified(
+        self, result: VerifiedUpdate | UpdateRejection, now: float
+    ) -> list[Action] | Ignore:
+        """The ack of a verified update, or its reservation to persist (Ignore: drop it)."""
+        if isinstance(result, UpdateRejection):
+            verdict = Verdict(False, result.reason, result.detail)
+            return self.answer(result.key, verdict, now)
+        decision = self.decide(result.key, result.meta.base_round, now)
+        if isinstance(decision, Ignore):
+            return decision
+        if isinstance(decision, Verdict):
+            return self.answer(result.key, decision, now)
+        misfit = self.task_misfit(result, decision.staleness)  # report vs training
+        if misfit is not None:
+            return self.answer(result.key, misfit, now)
+        outlier = self.screened(result)  # the norm screen (fedmq.coordinator.screening)
+        if outlier is not None:
+            return self.answer(result.key, outlier, now)
+        ticket = self.reserve(result, decision.staleness)
+        self.state.round.reserved[(result.key.client, result.key.update_id)] = ticket
+        return [*self.notes(ticket), PersistUpdate(ticket)]
+
+    def persist_failed(self, ticket: Ticket, error: str) -> list[Action]:
+        """Forget a ticket whose update could not be stored, unacked (the agent re-sends)."""
+        self.state.round.reserved.pop((ticket.key.client, ticket.key.update_id), None)
+        self.state.round.rejected["persist_failed"] += 1
+        return [
+            Noted(
+                "warning",
+                f"could not store update {ticket.key.update_id} of "
+                f"{ticket.key.client}: {error}; not acked, the agent re-sends",
+            )
+        ]
+
+    def replay(self, update: VerifiedUpdate, seq: int, now: float) -> list[Action]:
+        """Fold an update stored before a restart under its old ``seq``; its ack again.
+
+        Raises:
+            StateError: no round is open, or the update cannot belong to it.
+        """
+        r = self.state.round
+        if self.flow.started or r.phase == "finished":
+            raise StateError("replay() needs a restored, unfinished, not yet started round")
+        staleness = r.number - update.meta.base_round
+        if staleness < 0:
+            raise StateError(f"stored update {update.key.update_id} is from a future round")
+        if self.state.history.accepted_in(update.key.client, update.key.update_id) is not None:
+            return []  # stored twice (crash between rename and bookkeeping): count once
+        return self.commit(self.reserve(update, staleness, seq), now)
 
     def chunk_problem(self, problem: ChunkProblem) -> list[Action]:
         """Count and report a chunk that could not join any update."""
