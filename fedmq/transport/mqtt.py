@@ -221,6 +221,10 @@ class MqttSession:
                 forget_last_connection(client)
                 async with client:
                     try:
+                        # A cancellation that arrived while aiomqtt connected may have
+                        # been swallowed (raise_if_cancelling): serving on would ignore
+                        # the stop for as long as the connection lasts.
+                        raise_if_cancelling(None)
                         await self._serve(client, handler)
                     except asyncio.CancelledError:
                         # Leaving now: bound the graceful DISCONNECT the context manager
@@ -280,6 +284,7 @@ class MqttSession:
                 await client.subscribe(topic_filter, qos)
         for topic_filter in list(self._unsubscribing):
             self._send_unsubscribe(topic_filter)
+        raise_if_cancelling(None)  # the subscribes' waits may have swallowed a stop too
         self.connections += 1
         self.last_error = None
         self._backoff.reset()
