@@ -155,6 +155,12 @@ def simulate_command(
         int | None,
         typer.Option(help="external broker's packet cap in bytes (3.1.1 brokers do not say)"),
     ] = None,
+    max_queued_messages: Annotated[
+        int | None,
+        typer.Option(
+            help="external broker's max_queued_messages: the aggregator paces uploads to fit"
+        ),
+    ] = None,
     deadline: Annotated[
         float | None, typer.Option(help="round deadline, seconds (default 60 + 0.1/agent)")
     ] = None,
@@ -215,6 +221,7 @@ def simulate_command(
             training=TrainingOverrides(epochs, lr, batch_size, optimizer),  # type: ignore[arg-type]
             keep_updates=keep_updates,
             evaluate_final=evaluate_final,
+            broker_queue=max_queued_messages,
         )
         name = project.resolve().name if project is not None else options.model
         report_dir = prepare_out_dir(out or default_out(name))

@@ -109,6 +109,8 @@ class SimulationOptions:
         deadline_s: round deadline (None: the default for simulations).
         training: local-training overrides.
         keep_updates: keep every update envelope seen on the wire in the report.
+        broker_queue: the external broker's ``max_queued_messages``, told to the
+            aggregator (``[broker] max_queued_messages``): uploads are paced to fit it.
         evaluate_final: the last round is evaluate-only (``[round] evaluate_final``): the
             report shows each agent's figures for the final model.
     """
@@ -131,6 +133,7 @@ class SimulationOptions:
     training: TrainingOverrides = field(default_factory=TrainingOverrides)
     keep_updates: bool = False
     evaluate_final: bool = False
+    broker_queue: int | None = None
 
     def __post_init__(self) -> None:
         limit = MAX_PROCESS_AGENTS if self.processes else MAX_AGENTS
@@ -143,6 +146,13 @@ class SimulationOptions:
             raise ConfigError(
                 f"--drop-rate must be a fraction in [0, 1) (someone has to stay), "
                 f"got {self.drop_rate}"
+            )
+        if self.broker_queue is not None and (
+            self.external_broker is None or self.broker_queue < 1
+        ):
+            raise ConfigError(
+                "--max-queued-messages takes a positive count, and only with --broker "
+                "mqtt(s)://HOST:PORT (a private broker's queue is unlimited)"
             )
         if self.drop_rate > 0 and self.agents < 2:
             raise ConfigError("--drop-rate needs at least 2 agents: one must stay")

@@ -199,6 +199,8 @@ def aggregator_settings(
         overrides["strategy"] = {"name": options.strategy}
     if options.evaluate_final:
         overrides["round"]["evaluate_final"] = True
+    if options.broker_queue is not None:
+        overrides["broker"]["max_queued_messages"] = options.broker_queue
     base = workload.aggregator
     # A project's TLS and credentials are for its real broker, not the simulator's.
     kept = {k: v for k, v in base.get("broker", {}).items() if k in ("keepalive_s",)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -146,3 +147,25 @@ def test_a_third_of_six_is_two() -> None:
 def test_bad_options_name_the_problem(kwargs: dict[str, object], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         SimulationOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_the_external_brokers_queue_limit_reaches_the_aggregator(tmp_path: Path) -> None:
+    from fedmq.simulate.options import PartitionSpec, external_broker
+    from fedmq.simulate.settings import aggregator_settings
+    from fedmq.simulate.workloads import builtin_workload
+
+    broker = external_broker("mqtt://127.0.0.1:18830")
+    options = SimulationOptions(agents=2, external_broker=broker, broker_queue=60)
+    workload = builtin_workload("digits_mlp", ["a", "b"], PartitionSpec("iid"), 0, tmp_path)
+    settings = aggregator_settings(
+        workload,
+        options,
+        broker=broker,
+        state_dir=tmp_path / "state",
+        client_id=None,
+        topic_root=None,
+        log_level="INFO",
+    )
+    assert settings.broker.max_queued_messages == 60
+    with pytest.raises(ConfigError, match="--max-queued-messages"):
+        SimulationOptions(agents=2, broker_queue=60)  # a private broker: unlimited
