@@ -114,7 +114,25 @@ def build_update(
         encoded = encode_tensors(to_send, codec)
     except LocalProtocolError as exc:
         raise TrainingError(f"cannot encode the update with {codec}: {exc}") from exc
-    meta = UpdateMeta(
+    meta = _meta(federation, client, round_id, num_examples, metrics, update_id, created_at)
+    try:
+        data = encode_update(meta, encoded.data)
+    except LocalProtocolError as exc:
+        raise TrainingError(f"cannot build the update envelope: {exc}") from exc
+    return BuiltUpdate(data, blob_ref(data, chunk_size), meta, dict(encoded.lost))
+
+
+def _meta(
+    federation: str,
+    client: str,
+    round_id: int,
+    num_examples: int,
+    metrics: Mapping[str, float],
+    update_id: str | None,
+    created_at: float | None,
+) -> UpdateMeta:
+    """The envelope metadata of a fresh answer to ``round_id`` (a new id unless given)."""
+    return UpdateMeta(
         federation=federation,
         client=client,
         round=round_id,
@@ -124,11 +142,6 @@ def build_update(
         metrics=dict(metrics),
         created_at=time.time() if created_at is None else created_at,
     )
-    try:
-        data = encode_update(meta, encoded.data)
-    except LocalProtocolError as exc:
-        raise TrainingError(f"cannot build the update envelope: {exc}") from exc
-    return BuiltUpdate(data, blob_ref(data, chunk_size), meta, dict(encoded.lost))
 
 
 def build_report(
@@ -152,16 +165,7 @@ def build_report(
     Raises:
         TrainingError: an id, the example count or a metric is invalid.
     """
-    meta = UpdateMeta(
-        federation=federation,
-        client=client,
-        round=round_id,
-        base_round=round_id,
-        update_id=update_id or new_update_id(),
-        num_examples=num_examples,
-        metrics=dict(metrics),
-        created_at=time.time() if created_at is None else created_at,
-    )
+    meta = _meta(federation, client, round_id, num_examples, metrics, update_id, created_at)
     try:
         data = encode_update(meta, encode_tensors({}).data)
     except LocalProtocolError as exc:

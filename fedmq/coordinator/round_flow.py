@@ -199,16 +199,16 @@ class RoundFlow:
         self.state.checkpoint = r.number
         # The model the round was announced with is checkpoint r - 1, whatever the outcome.
         self.state.evaluated(r.number - 1, evaluation_metrics(record.evaluation))
-        if r.task == "evaluate":
-            pass  # neither a new model nor a failed attempt at one: the counts stay
-        elif outcome == "closed":
+        # An evaluate-only round is neither a new model nor a failed attempt at one: the
+        # training counts, metrics and norm history stay as they were.
+        if r.task == "train" and outcome == "closed":
             self.state.completed += 1
             self.state.last_metrics = dict(record.metrics)
             # The norm screen's history: the norms this round folded into its new model.
             folded = [c.folded_norm for c in r.contributions if c.folded_norm is not None]
             window = self.config.screening.norm_window
             self.state.norms = remember(self.state.norms, folded, window)
-        else:
+        elif r.task == "train":
             self.state.failed += 1
         actions: list[Action] = [
             RoundClosed(r.number, outcome, reason),
