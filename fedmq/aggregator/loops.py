@@ -52,9 +52,10 @@ async def commit_loop(
             for ticket in batch:
                 now = feed.clock()
                 if error is None:
+                    tally = reporter.tally(ticket)
                     with reporter.folding():
                         actions = feed.coordinator().persisted(ticket, now)
-                    reporter.accepted(ticket)
+                    reporter.accepted(ticket, tally)
                     await feed.apply(actions)
                 else:
                     await feed.apply(feed.coordinator().persist_failed(ticket, error, now))

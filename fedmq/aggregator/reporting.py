@@ -203,17 +203,28 @@ class Reporter:
                     extra=self._fields(r.number),
                 )
 
-    def accepted(self, ticket: Ticket) -> None:
-        """An update was stored and folded (call after ``Coordinator.persisted``)."""
+    def tally(self, ticket: Ticket) -> tuple[int, int] | None:
+        """The count and target of the ticket's round once the ticket is folded.
+
+        Read it *before* ``Coordinator.persisted``: the update that reaches the target
+        closes the round, and by then the coordinator has moved on to the next one.
+        """
+        coordinator = self._coordinator
+        if coordinator is None or coordinator.round != ticket.fold_round:
+            return None
+        r = coordinator.state.round
+        return len(r.contributions) + 1, r.target
+
+    def accepted(self, ticket: Ticket, tally: tuple[int, int] | None = None) -> None:
+        """An update was stored and folded.
+
+        Call after ``Coordinator.persisted``, with the :meth:`tally` taken before it.
+        """
         self.counters["accepted"] += 1
         late = ticket.staleness > 0
         self.metrics.updates.labels("accepted", "late" if late else "on_time").inc()
         meta = ticket.update.meta
-        coordinator = self._coordinator
-        progress = ""
-        if coordinator is not None and coordinator.round == ticket.fold_round:
-            r = coordinator.state.round
-            progress = f", {len(r.contributions)}/{r.target}"
+        progress = f", {tally[0]}/{tally[1]}" if tally is not None else ""
         log.info(
             "round %d: accepted update %s from %s (%d examples%s)%s",
             ticket.fold_round,

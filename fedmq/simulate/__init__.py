@@ -11,8 +11,10 @@
 - :mod:`~fedmq.simulate.observer`: bytes and acks seen on the wire.
 - :mod:`~fedmq.simulate.evaluation`: the global model on a held-out test set.
 - :mod:`~fedmq.simulate.runner`: the run itself, its parts started and stopped by
-  :mod:`~fedmq.simulate.parts`; :mod:`~fedmq.simulate.report`,
-  :mod:`~fedmq.simulate.plot`, :mod:`~fedmq.simulate.progress`: what people see.
+  :mod:`~fedmq.simulate.parts`, its rounds followed by :mod:`~fedmq.simulate.watch`;
+  :mod:`~fedmq.simulate.external`: a run on a broker it did not start (``--broker``).
+- :mod:`~fedmq.simulate.report`, :mod:`~fedmq.simulate.plot`,
+  :mod:`~fedmq.simulate.progress`: what people see.
 
 Server-side only: it imports rich, matplotlib (when writing the plot) and scikit-learn
 (for the digits); ``edge_agent`` never imports this package.

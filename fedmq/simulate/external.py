@@ -18,18 +18,23 @@ a simulation there keeps to itself:
   :func:`fedmq.transport.clearing.clear_federation` (verified by a second scan), then
   the persistent sessions its clients left on the broker are ended: each client id
   connects once more with a clean session, which the broker discards when it leaves.
+
+:func:`use_external` does both for a run: the check before any part starts, the
+clean-up when the run's exit stack unwinds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import secrets
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from fedmq.errors import ConfigError, TransportError
+from fedmq.simulate.brokers import BrokerPlan
 from fedmq.transport.broker_config import BrokerSection
 from fedmq.transport.clearing import ClearRefusedError, clear_federation, shown_names
 from fedmq.transport.message import Message
@@ -50,6 +55,61 @@ SESSIONS_TIMEOUT = 120.0  # seconds for ending every session (a thousand agents)
 def run_name() -> str:
     """``fedmq-sim-<8 hex digits>``: the default topic root and the client id prefix."""
     return f"{RUN_PREFIX}-{secrets.token_hex(4)}"
+
+
+async def use_external(
+    stack: contextlib.AsyncExitStack,
+    section: BrokerSection,
+    topics: Topics,
+    *,
+    name: str,
+    session_clients: Sequence[str],
+    on_cleaned: Callable[[Cleanup, str], None],
+) -> BrokerPlan:
+    """Check the run's prefix is free on the broker; clean it up when ``stack`` unwinds.
+
+    Call it before any part starts: the clean-up, entered on ``stack`` first, then runs
+    after all of them stopped (their offline statuses are retained by then), however
+    the run ends.
+
+    Args:
+        stack: the run's exit stack.
+        section: the external broker and the credentials of the run.
+        topics: the run's federation topics (under its own root).
+        name: the run's name (:func:`run_name`), the prefix of its client ids.
+        session_clients: every client id the run will connect with a persistent session.
+        on_cleaned: given what the clean-up did, and a line saying so.
+
+    Raises:
+        ConfigError: the prefix holds retained messages already.
+        TransportError: the broker is unreachable or refuses us.
+    """
+    clear_client = f"{name}-clear"
+    await check_unused(section, topics, clear_client)
+    stack.push_async_callback(
+        _clean_up_after, section, topics, clear_client, list(session_clients), on_cleaned
+    )
+    return BrokerPlan(
+        "external",
+        f"given with --broker; topic root {topics.root}, client ids {name}-…, cleared at the end",
+    )
+
+
+async def _clean_up_after(
+    section: BrokerSection,
+    topics: Topics,
+    clear_client: str,
+    session_clients: list[str],
+    on_cleaned: Callable[[Cleanup, str], None],
+) -> None:
+    # A task of its own: after Ctrl-C the run's task is still "cancelling", and the MQTT
+    # session re-raises the cancellation aiomqtt may swallow for any task that is
+    # (aiomqtt_fixes.raise_if_cancelling), which would end the clean-up at its first publish.
+    cleanup = await asyncio.create_task(
+        clean_up(section, topics, clear_client=clear_client, session_clients=session_clients),
+        name="fedmq-sim.clean-up",
+    )
+    on_cleaned(cleanup, cleanup.summary(topics.prefix) + f" on {section.url}")
 
 
 async def check_unused(

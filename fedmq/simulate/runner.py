@@ -28,7 +28,8 @@ Whatever happens — success, an error, Ctrl-C (a cancellation) — the progress
 stops, then the stack stops the parts in reverse order, before :meth:`~Simulation.run`
 returns or raises; a stop that fails is logged and hides nothing of why the run ended.
 A simulator killed with SIGKILL takes its broker and agent processes along
-(``die_with_parent``).
+(``die_with_parent``).  While the parts run, :mod:`~fedmq.simulate.watch` follows the
+rounds and shows the progress.
 """
 
 from __future__ import annotations
@@ -49,11 +50,9 @@ from fedmq.aggregator.export import export_onnx
 from fedmq.aggregator.service import AggregatorService
 from fedmq.aggregator.store import read_records
 from fedmq.broker.process import BrokerProcess
-from fedmq.coordinator.records import RoundRecord
-from fedmq.errors import FedmqError, SimulationError, StateError, TrainingError
 from fedmq.simulate.brokers import BrokerPlan, make_broker, plan_broker
 from fedmq.simulate.chaos import choose_victims
-from fedmq.simulate.external import Cleanup, check_unused, clean_up, run_name
+from fedmq.simulate.external import Cleanup, run_name, use_external
 from fedmq.simulate.fleet import Fleet
 from fedmq.simulate.observer import Observer
 from fedmq.simulate.options import SimulationOptions
@@ -65,10 +64,10 @@ from fedmq.simulate.parts import (
     start_fleet,
     start_observer,
 )
-from fedmq.simulate.progress import ProgressView, Snapshot
+from fedmq.simulate.progress import ProgressView
 from fedmq.simulate.project import project_workload
 from fedmq.simulate.report import build_summary, final_devices, prepare_out_dir, write_report
-from fedmq.simulate.rounds import RoundRow, build_row
+from fedmq.simulate.rounds import RoundRow
 from fedmq.simulate.settings import (
     aggregator_settings,
     check_environment,
@@ -76,6 +75,7 @@ from fedmq.simulate.settings import (
     make_fleet,
     require_packages,
 )
+from fedmq.simulate.watch import RoundWatch, Running
 from fedmq.simulate.workloads import Workload, builtin_workload
 from fedmq.transport.broker_config import BrokerSection
 from fedmq.wire.control import Ack, RoundAnnouncement
@@ -83,11 +83,6 @@ from fedmq.wire.topics import Topics
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 0.1  # seconds between looks at the aggregator (progress, new records)
-ONLINE_TIMEOUT = 60.0  # seconds for the fleet's statuses to arrive (subprocess start-up)
-ONLINE_TIMEOUT_PER_AGENT = 0.05  # seconds added per in-process agent
-ONLINE_TIMEOUT_PER_PROCESS = 1.0  # seconds per subprocess agent: ~1 s of CPU to import
-STALL_MARGIN = 60.0  # seconds beyond deadline + extension before a round counts as stuck
 REPORTS_DIR = Path("reports")
 PLACEHOLDER_URL = "mqtt://127.0.0.1:1883"  # validates settings before the broker exists
 
@@ -103,27 +98,9 @@ class SimulationResult:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _Running:
-    """The parts of a simulation once all of them run: what the monitoring loop watches."""
-
-    workload: Workload
-    settings: AggregatorSettings
-    fleet: Fleet
-    observer: Observer
-    service: AggregatorService
-    task: asyncio.Task[None]
-
-
 def default_out(name: str) -> Path:
     """``reports/<name>-<UTC timestamp>``."""
     return REPORTS_DIR / f"{name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-
-
-def _check_fleet(fleet: Fleet) -> None:
-    problems = fleet.failures()
-    if problems:
-        raise SimulationError("an agent failed: " + "; ".join(problems[:3]))
 
 
 class Simulation:
@@ -169,10 +146,7 @@ class Simulation:
         self.dropped: dict[int, list[str]] = {}
         self.name = run_name()  # unique per run: keeps a shared broker's clients apart
         self.cleanup: Cleanup | None = None
-        self._rows: list[RoundRow] = []
-        self._tests: dict[int, dict[str, float]] = {}
         self._started = time.monotonic()
-        self._metric: str | None = None
 
     # ------------------------------------------------------------------ run
 
@@ -200,13 +174,21 @@ class Simulation:
         clients = client_ids(options.agents, f"{self.name}-" if external else "")
         workload = await asyncio.to_thread(self._workload, clients, work / "data")
         out = prepare_out_dir(options.out or default_out(workload.name))
-        self._metric = workload.evaluator.primary if workload.evaluator else None
+        metric = workload.evaluator.primary if workload.evaluator else None
+        watch = RoundWatch(options, self.view, self.dropped, metric, self._started)
         for note in workload.notes:
             self._say(f"note: {note}", "yellow")
         if external is not None:
             broker = external
             settings = self._settings(workload, out, broker)  # ConfigError before any IO
-            plan = await self._use_external(stack, settings, clients)
+            plan = await use_external(
+                stack,
+                broker,
+                Topics(settings.federation, settings.topic_root),
+                name=self.name,
+                session_clients=[*clients, settings.client_id, self._observer_id],
+                on_cleaned=self._cleaned,
+            )
         else:
             # Validate the aggregator's settings before starting anything (the broker's
             # address is not known yet: any will do for validation).
@@ -235,14 +217,14 @@ class Simulation:
             # Devices first, as in a plant: the aggregator then finds the whole fleet in
             # the retained statuses and round 1 includes everyone.
             await start_fleet(stack, fleet)
-            await self._wait_online(fleet, observer, settings)
+            await watch.wait_online(fleet, observer, settings)
             service = self.service = AggregatorService(settings)
             await asyncio.to_thread(service.prepare)
             task = await start_aggregator(stack, service)
             await observer.stop_watching_statuses()
-            running = _Running(workload, settings, fleet, observer, service, task)
-            await self._monitor(running)
-            return await self._finish(running, plan, broker, out, started_at)
+            running = Running(workload, settings, fleet, observer, service, task)
+            await watch.follow(running)
+            return await self._finish(running, watch, plan, broker, out, started_at)
 
     @contextlib.contextmanager
     def _showing(self) -> Iterator[None]:
@@ -256,10 +238,14 @@ class Simulation:
         finally:
             self.view.stop()
 
-    def _say(self, text: str, style: str | None = None) -> None:
-        log.info("%s", text)
+    def _say(self, text: str, style: str | None = None, *, level: int = logging.INFO) -> None:
+        log.log(level, "%s", text)
         if self.view is not None:
             self.view.message(text, style)
+
+    @property
+    def _observer_id(self) -> str:
+        return f"{self.name}-observer"
 
     def _workload(self, clients: list[str], data_dir: Path) -> Workload:
         options = self.options
@@ -294,79 +280,25 @@ class Simulation:
             await start_broker(stack, self.broker)
         return BrokerSection(url=self.broker.url, protocol=self.broker.protocol), plan
 
-    async def _use_external(
-        self, stack: contextlib.AsyncExitStack, settings: AggregatorSettings, clients: list[str]
-    ) -> BrokerPlan:
-        """Check the external broker's prefix is free; clean it up when the run ends.
-
-        The clean-up goes on the stack before any part starts, so it runs after all of
-        them stopped (their offline statuses are retained by then), however the run ends.
-
-        Raises:
-            ConfigError: the prefix holds retained messages already.
-            TransportError: the broker is unreachable or refuses us.
-        """
-        broker = self.options.external_broker
-        assert broker is not None
-        topics = Topics(settings.federation, settings.topic_root)
-        await check_unused(broker, topics, f"{self.name}-clear")
-        persistent = [*clients, settings.client_id, f"{self.name}-observer"]
-        stack.push_async_callback(self._clean_external, broker, topics, persistent)
-        return BrokerPlan(
-            "external",
-            f"given with --broker; topic root {settings.topic_root}, client ids "
-            f"{self.name}-…, cleared at the end",
-        )
-
-    async def _clean_external(
-        self, broker: BrokerSection, topics: Topics, persistent: list[str]
-    ) -> None:
-        # A task of its own: after Ctrl-C this one is still "cancelling", and the MQTT
-        # session re-raises the cancellation aiomqtt may swallow for any task that is
-        # (aiomqtt_fixes.raise_if_cancelling), which would end the clean-up at its first publish.
-        self.cleanup = cleanup = await asyncio.create_task(
-            clean_up(broker, topics, clear_client=f"{self.name}-clear", session_clients=persistent),
-            name="fedmq-sim.clean-up",
-        )
-        text = cleanup.summary(topics.prefix) + f" on {broker.url}"
+    def _cleaned(self, cleanup: Cleanup, text: str) -> None:
+        """What :func:`~fedmq.simulate.external.use_external` cleared, once it has."""
+        self.cleanup = cleanup
         if cleanup.complete:
             self._say(text)
         else:
-            log.warning("%s", text)
-            if self.view is not None:
-                self.view.message(text, "yellow")
+            self._say(text, "yellow", level=logging.WARNING)
 
     def _observer(
         self, broker: BrokerSection, settings: AggregatorSettings, out: Path, fleet: Fleet
     ) -> Observer:
         keep = out / "updates" if self.options.keep_updates else None
         return Observer(
-            broker.session_settings(f"{self.name}-observer"),
+            broker.session_settings(self._observer_id),
             Topics(settings.federation, settings.topic_root),
             on_announcement=functools.partial(self._on_announcement, fleet),
             on_ack=self._on_ack,
             keep_dir=keep,
         )
-
-    async def _wait_online(
-        self, fleet: Fleet, observer: Observer, settings: AggregatorSettings
-    ) -> None:
-        wanted = set(fleet.clients)
-        per_agent = (
-            ONLINE_TIMEOUT_PER_PROCESS if self.options.processes else ONLINE_TIMEOUT_PER_AGENT
-        )
-        timeout = ONLINE_TIMEOUT + per_agent * len(wanted)
-        deadline = time.monotonic() + timeout
-        while not wanted <= observer.online:
-            _check_fleet(fleet)
-            if time.monotonic() > deadline:
-                missing = sorted(wanted - observer.online)
-                raise SimulationError(
-                    f"{len(missing)} agents (e.g. {missing[0]}) did not come online "
-                    f"within {timeout:.0f} s"
-                )
-            self._show_waiting(settings, observer)
-            await asyncio.sleep(POLL_INTERVAL)
 
     # ------------------------------------------------------------------ chaos
 
@@ -390,129 +322,19 @@ class Simulation:
         if victims:
             log.info("round %d: made %s vanish", announcement.round, ", ".join(victims))
 
-    # ------------------------------------------------------------------ monitoring
-
-    async def _monitor(self, running: _Running) -> None:
-        task = running.task
-        stall = 2 * running.settings.round.deadline_s + STALL_MARGIN
-        last_progress = time.monotonic()
-        while not task.done():
-            _check_fleet(running.fleet)
-            if await self._collect(running):
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > stall:
-                raise SimulationError(self._stall_message(running.service, stall))
-            self._show(running)
-            await asyncio.sleep(POLL_INTERVAL)
-        try:
-            task.result()
-        except (FedmqError, OSError) as exc:
-            raise SimulationError(f"the aggregator failed: {exc}") from exc
-        await self._collect(running)
-
-    def _stall_message(self, service: AggregatorService, stall: float) -> str:
-        coordinator = service.coordinator
-        now = time.time()
-        status = coordinator.status(now)
-        online = len(coordinator.roster.online(now))
-        if status.state == "waiting":
-            return (
-                f"round {status.round} did not open within {stall:.0f} s: "
-                f"{online}/{self.options.agents} agents online"
-            )
-        return (
-            f"round {status.round} did not close within {stall:.0f} s "
-            f"({status.received}/{status.expected} updates)"
-        )
-
-    async def _collect(self, running: _Running) -> bool:
-        """Turn newly recorded rounds into rows; True if there were any."""
-        settings = running.settings
-        known = len(self._rows)
-        if running.service.coordinator.checkpoint <= known and not running.task.done():
-            return False
-        records = [r for r in read_records(settings.state_dir) if r.round > known]
-        for record in records:
-            row = await self._row(running, record)
-            self._rows.append(row)
-            if self.view is not None:
-                self.view.round_closed(row, settings.rounds, self._metric, self._elapsed())
-            if record.round < settings.rounds:
-                for client in self.dropped.get(record.round, []):
-                    await running.fleet.revive(client)
-        return bool(records)
-
-    async def _row(self, running: _Running, record: RoundRecord) -> RoundRow:
-        test: dict[str, float] = {}
-        evaluator = running.workload.evaluator
-        if evaluator is not None:
-            try:
-                test = await asyncio.to_thread(
-                    evaluator.evaluate_checkpoint, running.settings.state_dir, record.round
-                )
-            except (StateError, TrainingError) as exc:
-                log.warning("round %d: central evaluation failed: %s", record.round, exc)
-        self._tests[record.round] = test
-        dropped = len(self.dropped.get(record.round, []))
-        return build_row(record, test, running.observer, dropped)
-
-    def _elapsed(self) -> float:
-        return time.monotonic() - self._started
-
-    def _show_waiting(self, settings: AggregatorSettings, observer: Observer) -> None:
-        """Progress before the aggregator runs: devices coming online."""
-        if self.view is None:
-            return
-        self.view.update(
-            Snapshot(
-                round=0,
-                rounds=settings.rounds,
-                state="waiting",
-                received=0,
-                expected=0,
-                online=len(observer.online),
-                agents=self.options.agents,
-                elapsed_s=self._elapsed(),
-                metric=None,
-                value=None,
-            )
-        )
-
-    def _show(self, running: _Running) -> None:
-        if self.view is None:
-            return
-        coordinator = running.service.coordinator
-        now = time.time()
-        status = coordinator.status(now)
-        last = self._rows[-1] if self._rows else None
-        value = getattr(last, self._metric) if last is not None and self._metric else None
-        self.view.update(
-            Snapshot(
-                round=status.round or 0,
-                rounds=running.settings.rounds,
-                state=status.state,
-                received=status.received,
-                expected=status.expected,
-                online=len(coordinator.roster.online(now)),
-                agents=self.options.agents,
-                elapsed_s=self._elapsed(),
-                metric=self._metric,
-                value=value,
-            )
-        )
-
     # ------------------------------------------------------------------ the end
 
     async def _finish(
         self,
-        running: _Running,
+        running: Running,
+        watch: RoundWatch,
         plan: BrokerPlan,
         broker: BrokerSection,
         out: Path,
         started_at: float,
     ) -> SimulationResult:
         await running.fleet.stop()
-        workload, settings, rows = running.workload, running.settings, self._rows
+        workload, settings, rows = running.workload, running.settings, watch.rows
         initial: dict[str, float] = {}
         if workload.evaluator is not None:
             initial = await asyncio.to_thread(
@@ -529,7 +351,7 @@ class Simulation:
             broker_url=broker.url,
             rows=rows,
             initial=initial,
-            final=self._tests.get(rows[-1].round, {}) if rows else {},
+            final=watch.tests.get(rows[-1].round, {}) if rows else {},
             dropped=self.dropped,
             started_at=started_at,
             ended_at=time.time(),

@@ -260,7 +260,9 @@ async def test_a_reader_never_sees_a_partial_model(
             for count, model in enumerate(models, 1):
                 inst.offer(announcement(federation, latest=model))
                 await until_loaded(model.sha256)  # the reader has seen this version whole
-                assert inst.installs == count
+                # The files are in place before the installer's thread hands back, so the
+                # count can trail the reader by a moment.
+                await eventually(lambda n=count: inst.installs == n, what=f"install {count}")
     finally:
         stop.touch()
         assert reader.stdout is not None

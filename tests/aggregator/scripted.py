@@ -427,3 +427,22 @@ def wait_exit(process: subprocess.Popen[bytes], timeout: float = WAIT) -> int:
         process.kill()
         process.wait()
         raise
+
+
+async def wait_released(agent: ScriptedAgent, checkpoint: int, timeout: float = 60) -> None:
+    """Wait for a finished announcement that names ``checkpoint``'s inference model.
+
+    The first ``finished`` announcement comes before the final model is built (off the
+    event loop); the release is announced again once it is.
+    """
+
+    def released() -> bool:
+        return any(
+            a.status == "finished"
+            and a.models
+            and a.models.latest
+            and a.models.latest.checkpoint == checkpoint
+            for a in agent.rounds
+        )
+
+    await agent.wait_until(released, timeout)

@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from aggregator.scripted import ScriptedAgent, make_settings, random_delta, running_service
+from aggregator.scripted import (
+    ScriptedAgent,
+    make_settings,
+    random_delta,
+    running_service,
+    wait_released,
+)
 from fedmq import exit_codes
 from fedmq.broker.mosquitto import MosquittoBroker
 from fedmq.cli.clear_cmd import Retained
@@ -78,7 +84,7 @@ async def test_a_finished_federation_leaves_only_its_announcement_and_statuses(
         opened = await agent.wait_round(1)
         assert any("/blob/" in topic for topic in await retained(broker, federation))
         await agent.wait_ack(await agent.send_update(1, random_delta(1)))
-        await agent.wait_round(1, "finished")
+        await wait_released(agent, 1)
     await agent.stop()
 
     found = kinds(topics, await retained(broker, federation))

@@ -14,6 +14,7 @@ from aggregator.scripted import (
     make_settings,
     random_delta,
     running_service,
+    wait_released,
 )
 from aggregator.test_clear import kinds, publish_retained, retained
 from fedmq.aggregator.delivery import ModelBuildError, ModelDelivery
@@ -69,7 +70,7 @@ async def test_a_restarted_finished_federation_publishes_its_releases_again(
     async with running_service(settings):
         await agent.wait_round(1)
         await agent.wait_ack(await agent.send_update(1, random_delta(1)))
-        await agent.wait_round(1, "finished")
+        await wait_released(agent, 1)
     await agent.stop()
     found = kinds(topics, await retained(broker, federation))
     assert found.announcement is not None

@@ -232,6 +232,11 @@ async def test_a_run_is_measured_logged_and_reported(
         reason="non_finite",
     )
     find(r"^round 1: accepted update \S+ from dev-1", round=1, client="dev-1")
+    # Every accepted line counts towards the target, also the one that closes its round
+    # (the coordinator has moved on to the next round by the time it is logged).
+    accepted = [r["message"] for r in served if " accepted update " in r["message"]]
+    assert len(accepted) == 2 * ROUNDS
+    assert all(re.search(r"\(\d+ examples\), [12]/3$", m) for m in accepted), accepted
     find(r"^round 1: \d/3 updates in, waiting for", round=1)
     find(
         r"^round 2 closed \(all_reported\) after [\d.]+ s: 2 updates from dev-\d, dev-\d; "

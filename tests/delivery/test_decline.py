@@ -54,4 +54,4 @@ async def test_a_device_with_bad_data_declines_and_the_round_closes_without_it(
     assert record.outcome == "closed"
     assert [c.client for c in record.contributions] == ["press-good"]
     assert record.declined == {"press-bad": "data_error"}
-    assert record.closed_at - record.opened_at < 10  # seconds, against a 120 s deadline
+    assert record.closed_at - record.opened_at < 60  # seconds, against a 120 s deadline

@@ -58,6 +58,11 @@ async def test_a_crashed_agent_goes_offline_by_its_will_and_a_revived_one_comes_
         assert fleet.failures() == []
     finally:
         await fleet.stop()
-        await watcher.disconnect()
-    assert statuses[-1].state == "offline"  # the revived agent's clean stop
-    assert statuses[-1].ts > statuses[0].ts
+        try:
+            # The revived agent's clean stop: stop() returns on its PUBACK, which may be
+            # before the watcher has the message.
+            await watcher.wait_until(
+                lambda: statuses[-1].state == "offline" and statuses[-1].ts > statuses[0].ts, 10
+            )
+        finally:
+            await watcher.disconnect()

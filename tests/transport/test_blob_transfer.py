@@ -72,8 +72,19 @@ async def _transfer(broker: MosquittoBroker, federation: str, chunk_size: int) -
         subscriptions=[(topics.blob_filter(ref.sha256), 1)],
     )
     async with running(probe, collect):
-        await asyncio.sleep(0.5)
-    assert seen == []
+        # The broker queues a subscription's retained messages when it handles the
+        # SUBSCRIBE, so ahead of any message published after the SUBACK: a marker that
+        # arrives first proves nothing retained was left.
+        marker = topics.blob(ref.sha256, ref.count)  # past the last chunk
+        async with running(MqttSession(BrokerSettings(broker.url, f"{federation}-mark"))) as m:
+            await m.publish(marker, b"marker", qos=1)
+            await within(_until(lambda: bool(seen)), 10)
+    assert seen == [marker]
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)
 
 
 async def test_20mb_blob_in_256kib_chunks(broker: MosquittoBroker, federation: str) -> None:

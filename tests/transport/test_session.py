@@ -107,9 +107,11 @@ async def test_subscribing_never_waits_for_an_unresponsive_broker(
     # never comes would stall the receive loop, which then cannot notice the drop.
     broker = make_broker()
     received: list[str] = []
+    payloads: list[bytes] = []
 
     async def collect(message: Message) -> None:
         received.append(message.topic)
+        payloads.append(message.payload)
 
     session = MqttSession(
         BrokerSettings(broker.url, f"{federation}-u"), subscriptions=[(f"{federation}/a", 1)]
@@ -127,17 +129,22 @@ async def test_subscribing_never_waits_for_an_unresponsive_broker(
             await within(session.subscribe(f"{federation}/b", 1), 1.0)
         finally:
             os.kill(pid, signal.SIGCONT)
-        # Once the broker answers again, both take effect.  (Give it a moment: it may
-        # read the other client's publish before this client's queued packets.)
-        await asyncio.sleep(0.3)
+        # Once the broker answers again, both take effect.  It may read the other
+        # client's publishes before this client's queued packets, so probe /b until one
+        # arrives: the subscribe, and the unsubscribe queued before it, are processed.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while f"{federation}/b" not in received:
+            assert loop.time() < deadline, "the queued subscribe never took effect"
+            await sender.publish(f"{federation}/b", b"probe")
+            await asyncio.sleep(0.1)
+        # One sender, one broker: /a would arrive before the marker that follows it.
         await sender.publish(f"{federation}/a", b"1")
-        await sender.publish(f"{federation}/b", b"2")
-        for _ in range(100):
-            if received:
-                break
+        await sender.publish(f"{federation}/b", b"marker")
+        while b"marker" not in payloads:
+            assert loop.time() < deadline + 10, f"the marker never arrived: {received}"
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
-        assert received == [f"{federation}/b"]
+        assert f"{federation}/a" not in received
     finally:
         for task in tasks:
             task.cancel()
