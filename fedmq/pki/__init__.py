@@ -14,12 +14,13 @@ work and imports no event loop.  Identities and what the broker lets them do:
 * the **broker** (``pki broker``): a server certificate for its host names.
 
 The Mosquitto ACL (:mod:`fedmq.pki.acl`) is generated from the topic scheme.  The
-directory layout is in :mod:`fedmq.pki.layout`.
+directory layout is in :mod:`fedmq.pki.layout`; issuing a certificate, and the files
+each kind of identity gets with it, in :mod:`fedmq.pki.issuing`.
 """
 
 from fedmq.pki.acl import AclFile, federation_acl
 from fedmq.pki.certificates import Kind
-from fedmq.pki.directory import DEFAULT_DIR, Issued, PkiDirectory, Revoked, aggregator_client_id
+from fedmq.pki.directory import DEFAULT_DIR, PkiDirectory, Revoked, aggregator_client_id
 from fedmq.pki.errors import (
     CorruptPkiError,
     ExistingFilesError,
@@ -30,6 +31,7 @@ from fedmq.pki.errors import (
     PkiNotFoundError,
     UnknownIdentityError,
 )
+from fedmq.pki.issuing import Issued
 from fedmq.pki.layout import PkiLayout
 
 __all__ = [

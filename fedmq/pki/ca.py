@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedmq.pki.certificates import (
@@ -18,9 +19,9 @@ from fedmq.pki.certificates import (
     read_cert,
     read_key,
 )
-from fedmq.pki.crl import build_crl
+from fedmq.pki.crl import build_crl, next_last_update
 from fedmq.pki.errors import CorruptPkiError, PkiError
-from fedmq.pki.index import IndexEntry
+from fedmq.pki.index import Index, IndexEntry
 from fedmq.pki.layout import CertPaths
 
 CA_DAYS = 3650  # ten years: re-keying a plant means re-provisioning every device
@@ -93,3 +94,14 @@ class CertificateAuthority:
     ) -> x509.CertificateRevocationList:
         """A CRL of ``revoked``, signed by this CA."""
         return build_crl(self.cert, self.key, revoked, number=number, last_update=last_update)
+
+    def next_crl(self, index: Index, now: dt.datetime) -> bytes:
+        """The PEM CRL of ``index``'s revoked certificates, numbered after the last one.
+
+        Bumps the index's CRL number and time, so save the index before writing the file:
+        a CRL on disk must never be newer than the index that numbered it.
+        """
+        index.crl_number += 1
+        index.crl_last_update = next_last_update(index.crl_last_update, now)
+        crl = self.crl(index.revoked(), number=index.crl_number, last_update=index.crl_last_update)
+        return crl.public_bytes(serialization.Encoding.PEM)

@@ -1,57 +1,45 @@
 """A PKI directory and everything ``fedmq pki`` does to it.
 
-Every operation that changes the directory holds its lock, plans its files, refuses
-(before writing anything) to overwrite one unless forced, records the new certificate
-in the index, and only then writes the files: a certificate that reached a disk is
-always in the index, so it can always be revoked.
+:class:`PkiDirectory` checks an operator's names and options, then changes the directory
+under its lock: every operation plans its files, refuses (before writing anything) to
+overwrite one unless forced, records new certificates and revocations in the index, and
+only then writes the files.  Issuing itself, and the files each kind of identity gets,
+are in :mod:`fedmq.pki.issuing`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from fedmq.errors import ConfigError, InvalidIdentifierError
+from fedmq.errors import InvalidIdentifierError
 from fedmq.pki.acl import AclFile, federation_acl
 from fedmq.pki.bundle import (
     DEFAULT_BROKER_URL,
     DEFAULT_INSTALL_DIR,
     DEFAULT_STATE_DIR,
     AgentConfigValues,
-    agent_toml,
-    archive,
     check_broker_url,
 )
 from fedmq.pki.ca import CA_DAYS, CertificateAuthority
-from fedmq.pki.certificates import Host, Kind, cert_pem, key_pem, new_key, parse_hosts
-from fedmq.pki.crl import next_last_update
-from fedmq.pki.errors import (
-    IdentityConflictError,
-    InvalidNameError,
-    PkiError,
-    PkiNotFoundError,
-    UnknownIdentityError,
-)
+from fedmq.pki.certificates import Host, Kind, cert_pem, key_pem, parse_hosts
+from fedmq.pki.errors import InvalidNameError, PkiError, PkiNotFoundError, UnknownIdentityError
 from fedmq.pki.files import (
     PlannedFile,
     check_new,
+    key_file_text,
     locked,
-    make_private_dir,
+    locked_pki,
     remove_file,
     write_planned,
 )
 from fedmq.pki.index import Index, IndexEntry
-from fedmq.pki.layout import CertPaths, PkiLayout
-from fedmq.pki.snippets import federation_snippet
+from fedmq.pki.issuing import Issued, issue_aggregator, issue_broker, issue_device, issue_monitor
+from fedmq.pki.layout import PkiLayout
 from fedmq.wire.ids import validate_id, validate_root
-from fedmq.wire.signing import SigningKey, read_verify_key
+from fedmq.wire.signing import SigningKey
 from fedmq.wire.topics import DEFAULT_ROOT
 
 DEFAULT_DIR = Path("pki")
@@ -78,17 +66,6 @@ def check_name(value: str, what: str) -> str:
 
 def _now(now: dt.datetime | None) -> dt.datetime:
     return (now or dt.datetime.now(dt.UTC)).replace(microsecond=0)
-
-
-@dataclass(frozen=True)
-class Issued:
-    """A certificate just issued, and every file written with it."""
-
-    entry: IndexEntry
-    cert: CertPaths
-    files: tuple[Path, ...]
-    superseded: tuple[IndexEntry, ...] = ()  # earlier certificates of the name, now revoked
-    extra: Mapping[str, Path] = field(default_factory=dict)  # files by role (bundle, snippet)
 
 
 @dataclass(frozen=True)
@@ -162,17 +139,17 @@ class PkiDirectory:
             files = [
                 PlannedFile(layout.ca.cert, cert_pem(ca.cert)),
                 PlannedFile(layout.ca.key, key_pem(ca.key), secret=True),
-                pki._crl_file(ca, index, when),
+                PlannedFile(layout.crl, ca.next_crl(index, when)),
                 PlannedFile(
                     layout.aggregator_signing_key,
-                    _key_text(
+                    key_file_text(
                         f"the aggregator's signing key of plant {plant} (secret)", signing.text()
                     ),
                     secret=True,
                 ),
                 PlannedFile(
                     layout.aggregator_public_key,
-                    _key_text(
+                    key_file_text(
                         f"the aggregator's public key of plant {plant}", signing.public.text()
                     ),
                 ),
@@ -235,58 +212,9 @@ class PkiDirectory:
             install_dir=install_dir,
             state_dir=state_dir,
         )
-        config_text = agent_toml(values)
-        bundle = self.layout.bundle(device_id)
-        registry = self.layout.device_key(device_id)
-        archive_path = self.layout.bundle_archive(device_id)
-        signing = SigningKey.generate()
-        aggregator_key = self._aggregator_public_key()
-
-        def extra(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> list[PlannedFile]:
-            contents = {
-                bundle.CA: self.layout.ca.cert.read_bytes(),
-                bundle.CERT: cert_pem(cert),
-                bundle.KEY: key_pem(key),
-                bundle.SIGNING_KEY: _key_text(
-                    f"update signing key of device {device_id} (secret)", signing.text()
-                ),
-                bundle.AGGREGATOR_KEY: aggregator_key,
-                bundle.AGENT_CONFIG: config_text.encode("utf-8"),
-            }
-            secret = {bundle.KEY, bundle.SIGNING_KEY}
-            files = [
-                PlannedFile(bundle.path(name), data, secret=name in secret)
-                for name, data in contents.items()
-                if name not in (bundle.CERT, bundle.KEY)  # written by _issue
-            ]
-            files.append(
-                PlannedFile(
-                    registry,
-                    _key_text(f"update signing key of device {device_id}", signing.public.text()),
-                )
-            )
-            if with_archive:
-                files.append(PlannedFile(archive_path, archive(contents, device_id), secret=True))
-            return files
-
-        targets = [bundle.path(name) for name in bundle.NAMES] + [registry]
-        if with_archive:
-            targets.append(archive_path)
-        issued = self._issue(
-            cn=device_id,
-            kind=Kind.device,
-            cert_paths=CertPaths(bundle.path(bundle.CERT), bundle.path(bundle.KEY)),
-            extra_targets=targets,
-            extra=extra,
-            prepare=lambda: make_private_dir(bundle.directory),
-            force=force,
-            days=days,
-            now=now,
+        return issue_device(
+            self.layout, values, with_archive=with_archive, force=force, days=days, when=_now(now)
         )
-        roles = {"bundle": bundle.directory, "registry": registry}
-        if with_archive:
-            roles["archive"] = archive_path
-        return Issued(issued.entry, issued.cert, issued.files, issued.superseded, roles)
 
     def aggregator(
         self,
@@ -310,20 +238,8 @@ class PkiDirectory:
         check_name(federation, "federation id")
         cn = check_name(client_id or aggregator_client_id(federation), "aggregator client id")
         check_broker_url(broker_url)
-        snippet_path = self.layout.federation_snippet(federation)
-        snippet = federation_snippet(self.layout, federation, cn, broker_url).encode("utf-8")
-        issued = self._issue(
-            cn=cn,
-            kind=Kind.aggregator,
-            cert_paths=self.layout.aggregator(cn),
-            extra_targets=[snippet_path],
-            extra=lambda cert, key: [PlannedFile(snippet_path, snippet)],
-            force=force,
-            days=days,
-            now=now,
-        )
-        return Issued(
-            issued.entry, issued.cert, issued.files, issued.superseded, {"snippet": snippet_path}
+        return issue_aggregator(
+            self.layout, federation, cn, broker_url, force=force, days=days, when=_now(now)
         )
 
     def monitor(
@@ -341,14 +257,7 @@ class PkiDirectory:
                 for :meth:`device`.
         """
         cn = check_name(name, "monitor name")
-        return self._issue(
-            cn=cn,
-            kind=Kind.monitor,
-            cert_paths=self.layout.monitor(cn),
-            force=force,
-            days=days,
-            now=now,
-        )
+        return issue_monitor(self.layout, cn, force=force, days=days, when=_now(now))
 
     def broker(
         self,
@@ -373,85 +282,8 @@ class PkiDirectory:
             names: list[Host] = parse_hosts(hosts)
         except ValueError as exc:
             raise InvalidNameError(f"--host {exc}") from None
-        return self._issue(
-            cn=hosts[0].lower(),
-            kind=Kind.broker,
-            cert_paths=self.layout.broker,
-            hosts=names,
-            # One broker certificate at a time, whatever its first host.
-            replaces=lambda entry: entry.kind is Kind.broker,
-            force=force,
-            days=days,
-            now=now,
-        )
-
-    def _issue(
-        self,
-        *,
-        cn: str,
-        kind: Kind,
-        cert_paths: CertPaths,
-        extra_targets: Sequence[Path] = (),
-        extra: Callable[[x509.Certificate, ec.EllipticCurvePrivateKey], list[PlannedFile]]
-        | None = None,
-        prepare: Callable[[], None] | None = None,
-        hosts: Sequence[Host] = (),
-        replaces: Callable[[IndexEntry], bool] | None = None,
-        force: bool,
-        days: int,
-        now: dt.datetime | None,
-    ) -> Issued:
-        when = _now(now)
-        targets = list(dict.fromkeys([cert_paths.cert, cert_paths.key, *extra_targets]))
-        with self._locked():
-            index = self.index()
-            other = index.kind_of(cn)
-            if other is not None and other is not kind:
-                raise IdentityConflictError(
-                    f"{cn!r} is already the name of a {other.value} certificate; a "
-                    f"{kind.value} needs another name (the CN is the broker username the "
-                    "ACL grants by)"
-                )
-            replaced = replaces or (lambda entry: entry.cn == cn)
-            current = [entry for entry in index.active() if replaced(entry)]
-            if current and not force:
-                serials = ", ".join(f"{entry.serial:x}" for entry in current)
-                raise PkiError(
-                    f"{cn!r} already has a valid {kind.value} certificate (serial {serials}); "
-                    "pass --force to issue a new one, which revokes the old one"
-                )
-            check_new(targets, force=force)
-            ca = self.ca()
-            key = new_key()
-            cert = ca.issue(
-                cn=cn, kind=kind, public_key=key.public_key(), now=when, days=days, hosts=hosts
-            )
-            entry = IndexEntry(
-                serial=cert.serial_number,
-                cn=cn,
-                kind=kind,
-                issued=when,
-                not_after=cert.not_valid_after_utc,
-            )
-            files = [
-                PlannedFile(cert_paths.cert, cert_pem(cert)),
-                PlannedFile(cert_paths.key, key_pem(key), secret=True),
-                PlannedFile(self.layout.issued_copy(entry.serial), cert_pem(cert)),
-            ]
-            if extra is not None:
-                files += extra(cert, key)
-            superseded: list[IndexEntry] = []
-            for old in current:
-                superseded += index.revoke(old.cn, when)
-            index.entries.append(entry)
-            if superseded:
-                files.append(self._crl_file(ca, index, when))
-            index.save(self.layout.index)  # first: whatever is written below is revocable
-            if prepare is not None:
-                prepare()
-            write_planned(files, force=True)
-        return Issued(
-            entry, cert_paths, tuple(planned.path for planned in files), tuple(superseded)
+        return issue_broker(
+            self.layout, hosts[0].lower(), names, force=force, days=days, when=_now(now)
         )
 
     # ------------------------------------------------------------------ revoking
@@ -467,7 +299,7 @@ class PkiDirectory:
             UnknownIdentityError: nothing valid was issued to ``name``.
         """
         when = _now(now)
-        with self._locked():
+        with locked_pki(self.layout):
             index = self.index()
             kind = index.kind_of(name)
             entries = index.revoke(name, when)
@@ -477,7 +309,7 @@ class PkiDirectory:
                         f"no certificate was issued to {name!r} (`fedmq pki list` shows them)"
                     )
                 raise UnknownIdentityError(f"every certificate of {name!r} is revoked already")
-            crl = self._crl_file(self.ca(), index, when)
+            crl = PlannedFile(self.layout.crl, self.ca().next_crl(index, when))
             index.save(self.layout.index)
             write_planned([crl], force=True)
             unregistered = None
@@ -534,17 +366,17 @@ class PkiDirectory:
         check_name(name, "key name")
         directory = self.layout.aggregator_signing_key.parent
         secret, public = directory / f"{name}.sign", directory / f"{name}.pub"
-        with self._locked():
+        with locked_pki(self.layout):
             key = SigningKey.generate()
             write_planned(
                 [
                     PlannedFile(
                         secret,
-                        _key_text(f"aggregator signing key {name} (secret)", key.text()),
+                        key_file_text(f"aggregator signing key {name} (secret)", key.text()),
                         secret=True,
                     ),
                     PlannedFile(
-                        public, _key_text(f"aggregator public key {name}", key.public.text())
+                        public, key_file_text(f"aggregator public key {name}", key.public.text())
                     ),
                 ],
                 force=force,
@@ -560,38 +392,9 @@ class PkiDirectory:
         write_planned([PlannedFile(path, text.encode("utf-8"))], force=force)
         return path
 
-    # ------------------------------------------------------------------ helpers
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        if not self.layout.index.is_file():
-            raise PkiNotFoundError(self.root)
-        with locked(self.root):
-            yield
-
-    def _aggregator_public_key(self) -> bytes:
-        path = self.layout.aggregator_public_key
-        try:
-            read_verify_key(path)  # a device must never pin a broken key
-        except ConfigError as exc:
-            raise PkiError(f"{exc}; run `fedmq pki init --force` to make a new one") from None
-        return path.read_bytes()
-
-    def _crl_file(self, ca: CertificateAuthority, index: Index, when: dt.datetime) -> PlannedFile:
-        """Bump the index's CRL number and time; the CRL file to write."""
-        index.crl_number += 1
-        index.crl_last_update = next_last_update(index.crl_last_update, when)
-        crl = ca.crl(index.revoked(), number=index.crl_number, last_update=index.crl_last_update)
-        return PlannedFile(self.layout.crl, crl.public_bytes(serialization.Encoding.PEM))
-
 
 def _check_root(root: str) -> None:
     try:
         validate_root(root)
     except InvalidIdentifierError as exc:
         raise InvalidNameError(str(exc)) from None
-
-
-def _key_text(comment: str, line: str) -> bytes:
-    # The key format ignores '#' lines: a comment tells an operator what a file is.
-    return f"# {comment}\n{line}\n".encode("ascii")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmq.durable_files import fsync_dir, lock_directory, temp_path
-from fedmq.pki.errors import ExistingFilesError, PkiBusyError
+from fedmq.pki.errors import ExistingFilesError, PkiBusyError, PkiNotFoundError
+from fedmq.pki.layout import PkiLayout
 
 SECRET_MODE = 0o600  # private keys, signing keys, archives holding them
 PUBLIC_MODE = 0o644  # certificates, public keys, CRL, ACL, configuration snippets
@@ -34,6 +35,12 @@ class PlannedFile:
     def mode(self) -> int:
         """Permission bits of the file."""
         return SECRET_MODE if self.secret else PUBLIC_MODE
+
+
+def key_file_text(comment: str, line: str) -> bytes:
+    """A key file: ``line`` under a ``#`` comment naming what the file is for."""
+    # The key format ignores '#' lines: a comment tells an operator what a file is.
+    return f"# {comment}\n{line}\n".encode("ascii")
 
 
 def check_new(paths: Sequence[Path], *, force: bool) -> None:
@@ -120,3 +127,17 @@ def locked(root: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_pki(layout: PkiLayout) -> Iterator[None]:
+    """Hold the lock of a PKI directory that ``pki init`` made.
+
+    Raises:
+        PkiNotFoundError: it has no index (taking the lock would create the directory).
+        PkiBusyError: another process holds it.
+    """
+    if not layout.index.is_file():
+        raise PkiNotFoundError(layout.root)
+    with locked(layout.root):
+        yield
