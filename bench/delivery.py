@@ -1,6 +1,6 @@
 """Delivery on a plant-like broker, side by side in one run.
 
-    python bench/delivery.py [--rounds 3]
+    python bench/delivery.py [--rounds 6]
 
 1. **Round time on a restrictive broker** (128 KB packets, 200 queued messages, 20 in
    flight) as a ratio of the same federation on an unrestricted Mosquitto: ten real
@@ -8,7 +8,10 @@
    ``chunk_size = auto``.  Twice: with the aggregator told the queue limit
    (``[broker] max_queued_messages = 200``: uploads paced to fit it), and without (the
    chunks the broker drops are asked for again); then both again with a queue of 60
-   messages, far below a round's 330 chunks.  Target: <= 1.5x.
+   messages, far below a round's 330 chunks.  Target: <= 1.5x.  The first round is
+   shown apart: it also downloads the bundle and builds every agent's onnxruntime
+   sessions, and on this 2-core machine its time varies more than the broker's share;
+   the ratio is of the median of the rounds after it.
 2. **A lost chunk to the update's acceptance**: a scripted agent uploads an update with
    two chunks missing (what a broker past its queue limit does, silently); the
    aggregator's resend request brings them.  Against the agent's 60 s ack timeout,
@@ -60,9 +63,10 @@ TIGHT_QUEUE = 60
 ACK_TIMEOUT = 60.0  # seconds: the agents' default, the recovery before resend requests
 
 
-async def round_times(work: Path, rounds: int) -> dict[str, float]:
+async def round_times(work: Path, rounds: int) -> dict[str, tuple[float, float]]:
+    """Each run's median round after the first, and its first round, in seconds."""
     bundle = big_mlp_bundle(work / "big_mlp")
-    medians = {}
+    medians: dict[str, tuple[float, float]] = {}
     queue = RESTRICTIVE["max_queued_messages"]
     tight = {**RESTRICTIVE, "max_queued_messages": TIGHT_QUEUE, "max_inflight_messages": 10}
     runs = (
@@ -84,11 +88,12 @@ async def round_times(work: Path, rounds: int) -> dict[str, float]:
                 queue=paced,
             )
         reasons = {r.reason for r in outcome.rounds}
-        medians[name] = statistics.median(outcome.durations)
+        first, *later = outcome.durations
+        medians[name] = (statistics.median(later or [first]), first)
         figures = outcome.statistics
         print(
-            f"  {name:26s} median round {medians[name]:6.2f} s  "
-            f"({', '.join(f'{d:.2f}' for d in outcome.durations)}; closed by "
+            f"  {name:26s} median round {medians[name][0]:6.2f} s  (first {first:.2f} s; "
+            f"{', '.join(f'{d:.2f}' for d in later)}; closed by "
             f"{sorted(reasons)}; {figures.resend_requests} resend requests, "
             f"{figures.upload_grants} upload grants)"
         )
@@ -162,9 +167,13 @@ async def main(rounds: int) -> None:
         work = Path(tmp)
         print("1. round time, 10 agents, 1.1M parameters, chunk_size = auto")
         medians = await round_times(work, rounds)
+        base, base_first = medians["unrestricted"]
         for name in [name for name in medians if name != "unrestricted"]:
-            ratio = medians[name] / medians["unrestricted"]
-            print(f"  {name + ' / unrestricted':40s} {ratio:6.2f}x  (target <= 1.5x)")
+            median, first = medians[name]
+            print(
+                f"  {name + ' / unrestricted':40s} {median / base:6.2f}x  (target <= 1.5x; "
+                f"first round {first / base_first:.2f}x)"
+            )
         lost = await lost_chunk(work)
         print("2. two chunks lost on the way")
         print(f"  last chunk sent -> update accepted  {lost:6.2f} s  (target <= 2 s)")
@@ -180,5 +189,5 @@ async def main(rounds: int) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.ERROR)  # the figures, not the services' logs
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per federation")
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per federation")
     asyncio.run(main(parser.parse_args().rounds))
